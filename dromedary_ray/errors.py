@@ -1,0 +1,32 @@
+"""The project's own error types: each names what the user must fix."""
+
+from __future__ import annotations
+
+
+class DromedaryError(Exception):
+    """Base class: an error with a message meant for the user, shown without a traceback."""
+
+
+class ConfigError(DromedaryError):
+    """A configuration key or value is wrong; the message names the dotted key."""
+
+
+class InputFileError(DromedaryError):
+    """A user-supplied file (principles, seeds, dataset) is malformed.
+
+    The message always starts with ``path[:line]`` and names the key or field at fault.
+    """
+
+    def __init__(self, path: str, what: str, line: int | None = None, key: str | None = None):
+        where = f"{path}:{line}" if line is not None else str(path)
+        field = f" [{key}]" if key else ""
+        super().__init__(f"{where}{field}: {what}")
+        self.path, self.line, self.key = str(path), line, key
+
+
+class ModelSpecError(DromedaryError):
+    """A model spec cannot be resolved to a local Hugging Face folder."""
+
+
+class StageError(DromedaryError):
+    """A stage cannot run (missing input, inconsistent store)."""

@@ -1,0 +1,1 @@
+"""The driver: recipes of stages over one run directory."""

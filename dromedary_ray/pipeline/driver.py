@@ -1,0 +1,119 @@
+"""The pipeline driver: run a recipe's stages in order, each skipped when already done.
+
+A stage's fingerprint covers its own config, the files it reads and its inputs' fingerprints.
+The same fingerprint with status "done" skips the stage; the same fingerprint with status
+"running" resumes it from its committed shards; a different fingerprint clears it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+from dromedary_ray.config import RunConfig, dump_config
+from dromedary_ray.data.schemas import RejectRow
+from dromedary_ray.data.store import StageStore, fingerprint
+from dromedary_ray.stages import STAGES
+from dromedary_ray.stages.base import StageContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # ran | skipped
+    kept: int
+    rejected: int
+    reject_reasons: dict[str, int]
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+def run_pipeline(config: RunConfig) -> list[StageReport]:
+    """Run every stage of `config.recipe`; return one report per stage."""
+    _write_resolved_config(config)
+    fingerprints: dict[str, str] = {}
+    reports = []
+    needs_ray = any(STAGES[name].inputs for name in config.stages)
+    if needs_ray:
+        from dromedary_ray.runtime.cluster import connect
+
+        connect(config.ray)
+    for name in config.stages:
+        reports.append(run_stage(config, name, fingerprints))
+    return reports
+
+
+def _write_resolved_config(config: RunConfig) -> None:
+    if "://" in config.run_dir:
+        return  # object-store runs keep the resolved config in each manifest only
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(config.run_dir) / "config.yaml").write_text(dump_config(config))
+
+
+def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str]) -> StageReport:
+    stage = STAGES[name]
+    store = StageStore(config.run_dir, name)
+    input_fps = {i: fingerprints[i] for i in stage.inputs}
+    fp = fingerprint({"stage": name, "payload": stage.fingerprint_payload(config),
+                      "inputs": input_fps})
+    fingerprints[name] = fp
+    manifest = store.read_manifest()
+    if manifest and manifest.get("fingerprint") == fp and manifest.get("status") == "done":
+        log.info("stage %s: done with the same fingerprint, skipped", name)
+        return _report(stage, store, "skipped", manifest["seconds"], manifest.get("metrics", {}))
+    if manifest and manifest.get("fingerprint") != fp:
+        log.warning("stage %s: config or inputs changed since the last run; starting it afresh",
+                    name)
+        store.clear()
+    elif manifest:
+        dropped = store.drop_uncommitted()
+        log.info("stage %s: resuming (%d committed shards, %d half-written dropped)",
+                 name, len(store.committed_shards()), dropped)
+    started = time.time()
+    base = {"stage": name, "fingerprint": fp, "input_fingerprints": input_fps,
+            "config": stage.fingerprint_payload(config), "started": started}
+    store.write_manifest({**base, "status": "running"})
+    ctx = StageContext(config, store, {i: StageStore(config.run_dir, i) for i in stage.inputs})
+    stage.run(ctx)
+    seconds = round(time.time() - started, 2)
+    report = _report(stage, store, "ran", seconds, ctx.metrics)
+    store.write_manifest({
+        **base, "status": "done", "finished": time.time(), "seconds": seconds,
+        "rows": {"data": report.kept, "rejects": report.rejected},
+        "reject_reasons": report.reject_reasons, "metrics": report.metrics,
+    })
+    return report
+
+
+def _report(stage: Any, store: StageStore, status: str, seconds: float,
+            metrics: dict[str, Any]) -> StageReport:
+    kept = store.read("data", stage.data_schema, columns=["id"]).num_rows
+    rejects = store.read("rejects", RejectRow.SCHEMA)
+    reasons = {}
+    if rejects.num_rows:
+        counts = pc.value_counts(rejects["reason"]).to_pylist()
+        reasons = {c["values"]: c["counts"] for c in counts}
+    metrics = dict(metrics)
+    if metrics.get("completion_tokens") and seconds:
+        metrics["tokens_per_second"] = round(metrics["completion_tokens"] / seconds, 1)
+    return StageReport(stage.name, status, kept, rejects.num_rows, reasons, seconds, metrics,
+                       store.root)
+
+
+def format_summary(reports: list[StageReport]) -> str:
+    lines = ["", "stage        status    kept  rejected  seconds  tok/s  output"]
+    for r in reports:
+        tps = r.metrics.get("tokens_per_second", "")
+        lines.append(f"{r.name:<12} {r.status:<8} {r.kept:>5} {r.rejected:>9} {r.seconds:>8.1f} "
+                     f"{tps!s:>6}  {r.path}")
+        for reason, count in sorted(r.reject_reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(f"{'':<12}   rejected {count:>4}  {reason}")
+    return "\n".join(lines)

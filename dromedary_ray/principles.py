@@ -1,0 +1,166 @@
+"""Loaders for the principle library: Self-Align rules and exemplars, seed tasks, red-team types.
+
+Each loader validates its file against a small explicit schema and raises `InputFileError`
+naming the file, the line (for JSONL) or the key path (for YAML), and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dromedary_ray.config import resolve_path
+from dromedary_ray.errors import InputFileError
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: int
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    query: str
+    thoughts: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class PrincipleSet:
+    name: str
+    assistant_name: str
+    preamble: str
+    rules: tuple[Rule, ...]
+    exemplars: tuple[Exemplar, ...]
+
+
+@dataclass(frozen=True)
+class SeedTask:
+    id: str
+    instruction: str
+    input: str
+    output: str
+    is_classification: bool
+
+    @property
+    def query(self) -> str:
+        """The user turn: the instruction, followed by its input when it has one."""
+        return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputFileError(str(path), "file not found") from None
+    except UnicodeDecodeError as err:
+        raise InputFileError(str(path), f"not UTF-8 text ({err.reason})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise InputFileError(str(path), f"invalid YAML: {getattr(err, 'problem', err)}", line) from None
+
+
+def _field(path: Path, node: Any, key: str, where: str, kind: type = str) -> Any:
+    if not isinstance(node, dict):
+        raise InputFileError(str(path), f"expected a mapping, got {type(node).__name__}", key=where)
+    if key not in node:
+        raise InputFileError(str(path), "missing required key", key=f"{where}.{key}".lstrip("."))
+    value = node[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InputFileError(str(path), f"expected {kind.__name__}, got {type(value).__name__}",
+                             key=f"{where}.{key}".lstrip("."))
+    if kind is str and not value.strip():
+        raise InputFileError(str(path), "must not be empty", key=f"{where}.{key}".lstrip("."))
+    return value.strip() if kind is str else value
+
+
+def load_principles(path: str | Path) -> PrincipleSet:
+    """Load a Self-Align principle file: preamble, numbered rules, exemplars with thoughts."""
+    p = resolve_path(str(path))
+    doc = _read_yaml(p)
+    name = _field(p, doc, "name", "")
+    rules_raw = _field(p, doc, "rules", "", list)
+    exemplars_raw = _field(p, doc, "exemplars", "", list)
+    rules = tuple(
+        Rule(_field(p, r, "id", f"rules[{i}]", int), _field(p, r, "name", f"rules[{i}]"),
+             _field(p, r, "text", f"rules[{i}]"))
+        for i, r in enumerate(rules_raw)
+    )
+    ids = [r.id for r in rules]
+    if ids != list(range(1, len(rules) + 1)):
+        raise InputFileError(str(p), f"rule ids must be 1..{len(rules)} in order, got {ids}",
+                             key="rules")
+    if not rules or not exemplars_raw:
+        raise InputFileError(str(p), "needs at least one rule and one exemplar")
+    exemplars = tuple(
+        Exemplar(*(_field(p, e, k, f"exemplars[{i}]") for k in ("query", "thoughts", "answer")))
+        for i, e in enumerate(exemplars_raw)
+    )
+    return PrincipleSet(
+        name=name,
+        assistant_name=_field(p, doc, "assistant_name", ""),
+        preamble=_field(p, doc, "preamble", ""),
+        rules=rules,
+        exemplars=exemplars,
+    )
+
+
+def load_seed_tasks(path: str | Path) -> list[SeedTask]:
+    """Load instructions in the Self-Instruct seed JSONL format.
+
+    Each line: {"id", "instruction", "instances": [{"input", "output"}], "is_classification"}.
+    `id` may be absent (users' own files): the line number stands in. Blank lines are skipped.
+    """
+    p = resolve_path(str(path))
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputFileError(str(p), "file not found") from None
+    except UnicodeDecodeError as err:
+        raise InputFileError(str(p), f"not UTF-8 text ({err.reason})") from None
+    tasks, seen = [], set()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        task = _parse_seed_line(p, n, line)
+        if task.id in seen:
+            raise InputFileError(str(p), f"duplicate id {task.id!r}", n, "id")
+        seen.add(task.id)
+        tasks.append(task)
+    if not tasks:
+        raise InputFileError(str(p), "no seed tasks in file")
+    return tasks
+
+
+def _parse_seed_line(p: Path, n: int, line: str) -> SeedTask:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputFileError(str(p), f"not valid JSON ({err.msg} at column {err.colno})", n) from None
+    if not isinstance(row, dict):
+        raise InputFileError(str(p), "each line must be a JSON object", n)
+    instruction = row.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise InputFileError(str(p), "missing or empty string", n, "instruction")
+    instances = row.get("instances", [{"input": "", "output": ""}])
+    if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+        raise InputFileError(str(p), "must be a non-empty list of objects", n, "instances")
+    first = instances[0]
+    for key in ("input", "output"):
+        if not isinstance(first.get(key, ""), str):
+            raise InputFileError(str(p), "must be a string", n, f"instances[0].{key}")
+    is_cls = row.get("is_classification", False)
+    if not isinstance(is_cls, bool):
+        raise InputFileError(str(p), "must be true or false", n, "is_classification")
+    task_id = row.get("id", f"line_{n}")
+    if not isinstance(task_id, str | int):
+        raise InputFileError(str(p), "must be a string", n, "id")
+    return SeedTask(str(task_id), instruction.strip(), first.get("input", "").strip(),
+                    first.get("output", "").strip(), is_cls)

@@ -1,0 +1,1 @@
+"""Ray-facing shells: cluster connection, Ray Data generation runner, fault hooks."""

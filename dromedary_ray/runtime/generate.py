@@ -1,0 +1,134 @@
+"""The Ray Data generation runner: a stage's rows through an actor pool of engines.
+
+Each input batch is one Ray Data block and, once generated, one committed shard in the stage
+store, written by the worker itself: output streams to disk as it is made, and a resumed stage
+skips every id already committed. Ray Data restarts a dead actor and retries its batch
+(`max_restarts=-1`, `max_task_retries=-1` are its defaults for actor pools); a retried batch
+writes the same shard name again, so nothing is doubled.
+
+We use plain `map_batches` over our own engine class rather than `ray.data.llm`: on CPU the
+latter needs a placement-group work-around, can deadlock its helper stages on two cores, and
+measured slower here (see FIELD_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from dromedary_ray.config import EngineConfig, SamplingConfig
+from dromedary_ray.data.schemas import BatchSummary
+from dromedary_ray.data.store import StageStore, shard_name
+from dromedary_ray.engines.base import Generation
+from dromedary_ray.runtime.faults import fault_env, maybe_die
+
+log = logging.getLogger(__name__)
+
+
+class BatchTask(Protocol):
+    """What a generation stage plugs into the runner: prompts in, tables out."""
+
+    sampling: SamplingConfig
+
+    def build_prompts(self, batch: pa.Table) -> list[str]: ...
+
+    def seeds(self, ids: list[str]) -> list[int]: ...
+
+    def postprocess(self, batch: pa.Table, gens: list[Generation]) -> tuple[pa.Table, pa.Table]:
+        """(kept rows, rejected rows) for this batch; together they cover every input id."""
+        ...
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A picklable recipe for building a BatchTask inside a worker, once it has a tokenizer."""
+
+    factory: Callable[..., BatchTask]
+    kwargs: dict[str, Any]
+
+    def build(self, tokenizer: Any) -> BatchTask:
+        return self.factory(tokenizer=tokenizer, **self.kwargs)
+
+
+class GenerationWorker:
+    """One engine in the actor pool; `__call__` is one batch = one shard."""
+
+    def __init__(self, model_path: str, engine_cfg: EngineConfig, task: TaskSpec,
+                 store: StageStore, seed: int):
+        from dromedary_ray.engines import make_engine
+
+        self.engine = make_engine(model_path, engine_cfg, seed=seed)
+        self.task = task.build(self.engine.tokenizer)
+        self.store = store
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        ids = batch["id"].to_pylist()
+        gens = self.engine.generate(self.task.build_prompts(batch), self.task.sampling,
+                                    self.task.seeds(ids))
+        kept, rejects = self.task.postprocess(batch, gens)
+        maybe_die("worker_batch")  # fault tests: die after the work, before the commit
+        name = shard_name(ids)
+        self.store.write_shard(kept, rejects, name)
+        summary = BatchSummary(
+            shard=name,
+            rows=len(ids),
+            kept=kept.num_rows,
+            rejected=rejects.num_rows,
+            prompt_tokens=sum(g.prompt_tokens for g in gens),
+            completion_tokens=sum(len(c.token_ids) for g in gens for c in g.completions),
+            seconds=time.perf_counter() - start,
+        )
+        return BatchSummary.to_table([summary])
+
+
+def run_generation(
+    rows: pa.Table,
+    *,
+    store: StageStore,
+    model_path: str,
+    engine_cfg: EngineConfig,
+    task: TaskSpec,
+    seed: int = 0,
+    desc: str = "generate",
+    on_batch: Callable[[BatchSummary], None] | None = None,
+) -> list[BatchSummary]:
+    """Generate for every row of `rows` (those not yet committed), streaming shards to `store`."""
+    import ray
+    from tqdm import tqdm
+
+    if rows.num_rows == 0:
+        return []
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours below counts rows, not Ray's internal operators
+    ctx.print_on_execution_start = False
+    bs = engine_cfg.batch_size
+    blocks = [rows.slice(i, bs) for i in range(0, rows.num_rows, bs)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        GenerationWorker,
+        fn_constructor_kwargs=dict(model_path=model_path, engine_cfg=engine_cfg, task=task,
+                                   store=store, seed=seed),
+        batch_size=None,  # one block = one batch = one shard
+        batch_format="pyarrow",
+        concurrency=engine_cfg.num_engines,
+        num_cpus=engine_cfg.cpus_per_engine,
+        num_gpus=engine_cfg.gpus_per_engine or None,
+        runtime_env={"env_vars": fault_env()},
+    )
+    summaries: list[BatchSummary] = []
+    with tqdm(total=rows.num_rows, desc=desc, unit="row", dynamic_ncols=True) as bar:
+        for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for summary in BatchSummary.from_table(out):
+                summaries.append(summary)
+                bar.update(summary.rows)
+                tokens = sum(s.completion_tokens for s in summaries)
+                bar.set_postfix(kept=sum(s.kept for s in summaries), tokens=tokens)
+                maybe_die("driver_shard")  # fault tests: the driver dies mid-stage
+                if on_batch:
+                    on_batch(summary)
+    return summaries

@@ -1,0 +1,9 @@
+"""One module per stage: what it reads, what it writes. `STAGES` maps names to stages."""
+
+from __future__ import annotations
+
+from dromedary_ray.stages.base import Stage
+from dromedary_ray.stages.seeds import SeedsStage
+from dromedary_ray.stages.self_align import SelfAlignStage
+
+STAGES: dict[str, Stage] = {s.name: s for s in (SeedsStage(), SelfAlignStage())}
