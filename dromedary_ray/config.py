@@ -111,11 +111,14 @@ class SelfAlignConfig:
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(temperature=0.5, top_p=0.95, max_new_tokens=256)
     )
+    thoughts_lead: str = "The user"  # pre-filled start of the thoughts, as in every exemplar
+    max_thought_tokens: int = 96
     min_answer_words: int = 3
     max_repeated_ngram_fraction: float = 0.5  # runaway repetition filter
     exemplar_leak_ngram: int = 12  # an answer sharing a 12-word run with an exemplar leaked it
 
     def __post_init__(self) -> None:
+        _check(self.max_thought_tokens >= 1, "max_thought_tokens", "must be >= 1")
         _check(self.min_answer_words >= 1, "min_answer_words", "must be >= 1")
         _check(0 < self.max_repeated_ngram_fraction <= 1, "max_repeated_ngram_fraction",
                "must be in (0, 1]")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from dromedary_ray.prompts import THOUGHTS_CLOSE, THOUGHTS_OPEN
 
 # Reasons a self_align row is rejected, in the order they are checked.
+REJECT_NO_THOUGHTS = "no_thoughts"
+REJECT_THOUGHTS_RUNAWAY = "thoughts_runaway"
 REJECT_TRUNCATED = "truncated"
 REJECT_NO_ANSWER = "no_answer"
 REJECT_TOO_SHORT = "answer_too_short"
@@ -57,34 +59,26 @@ class LeakDetector:
         return any(g in self.grams for g in ngrams(words(text), self.n))
 
 
-def split_thoughts(text: str) -> tuple[str, str] | None:
-    """Split a completion that began after a pre-filled `<thoughts>` tag.
-
-    Returns (thoughts, answer) or None when the closing tag never came.
-    """
-    head, sep, tail = text.partition(THOUGHTS_CLOSE)
-    if not sep:
-        return None
-    return head.strip(), tail.strip()
-
-
-def parse_self_align(
-    text: str,
+def judge_answer(
+    thoughts: str,
+    answer: str,
     finish_reason: str,
     leak: LeakDetector,
     min_answer_words: int,
     max_repeated_fraction: float,
 ) -> ParsedAnswer:
-    """Parse one self_align completion and decide whether to keep it."""
-    parts = split_thoughts(text)
-    thoughts, answer = parts if parts else (text.strip(), "")
+    """Decide whether to keep one self_align (thoughts, answer) pair; the first failing check
+    names the reason."""
+    thoughts, answer = thoughts.strip(), answer.strip()
+    if not thoughts:
+        return ParsedAnswer(thoughts, answer, REJECT_NO_THOUGHTS)
     if finish_reason == "length":
         return ParsedAnswer(thoughts, answer, REJECT_TRUNCATED)
     if not answer:
         return ParsedAnswer(thoughts, answer, REJECT_NO_ANSWER)
     if len(words(answer)) < min_answer_words:
         return ParsedAnswer(thoughts, answer, REJECT_TOO_SHORT)
-    if leak.leaks(answer) or any(m in answer for m in _TURN_MARKERS):
+    if leak.leaks(answer) or any(m in answer for m in _TURN_MARKERS + (THOUGHTS_CLOSE,)):
         return ParsedAnswer(thoughts, answer, REJECT_LEAK)
     if repeated_ngram_fraction(answer) > max_repeated_fraction:
         return ParsedAnswer(thoughts, answer, REJECT_REPETITION)

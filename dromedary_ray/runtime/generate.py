@@ -21,27 +21,31 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from dromedary_ray.config import EngineConfig, SamplingConfig
+from dromedary_ray.config import EngineConfig
 from dromedary_ray.data.schemas import BatchSummary
 from dromedary_ray.data.store import StageStore, shard_name
-from dromedary_ray.engines.base import Generation
+from dromedary_ray.engines.base import Engine
 from dromedary_ray.runtime.faults import fault_env, maybe_die
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    kept: pa.Table
+    rejects: pa.Table  # kept and rejects together cover every input id of the batch
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class BatchTask(Protocol):
-    """What a generation stage plugs into the runner: prompts in, tables out."""
+    """What a generation stage plugs into the runner: one batch of rows in, tables out.
 
-    sampling: SamplingConfig
+    A task may call the engine more than once per batch (self_align decodes thoughts, then the
+    answer), so it drives the engine itself.
+    """
 
-    def build_prompts(self, batch: pa.Table) -> list[str]: ...
-
-    def seeds(self, ids: list[str]) -> list[int]: ...
-
-    def postprocess(self, batch: pa.Table, gens: list[Generation]) -> tuple[pa.Table, pa.Table]:
-        """(kept rows, rejected rows) for this batch; together they cover every input id."""
-        ...
+    def process(self, engine: Engine, batch: pa.Table) -> BatchResult: ...
 
 
 @dataclass(frozen=True)
@@ -69,19 +73,17 @@ class GenerationWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         ids = batch["id"].to_pylist()
-        gens = self.engine.generate(self.task.build_prompts(batch), self.task.sampling,
-                                    self.task.seeds(ids))
-        kept, rejects = self.task.postprocess(batch, gens)
+        result = self.task.process(self.engine, batch)
         maybe_die("worker_batch")  # fault tests: die after the work, before the commit
         name = shard_name(ids)
-        self.store.write_shard(kept, rejects, name)
+        self.store.write_shard(result.kept, result.rejects, name)
         summary = BatchSummary(
             shard=name,
             rows=len(ids),
-            kept=kept.num_rows,
-            rejected=rejects.num_rows,
-            prompt_tokens=sum(g.prompt_tokens for g in gens),
-            completion_tokens=sum(len(c.token_ids) for g in gens for c in g.completions),
+            kept=result.kept.num_rows,
+            rejected=result.rejects.num_rows,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
             seconds=time.perf_counter() - start,
         )
         return BatchSummary.to_table([summary])

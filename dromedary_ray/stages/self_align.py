@@ -13,13 +13,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from dromedary_ray.algos.parsing import REJECT_PROMPT_TOO_LONG, LeakDetector, parse_self_align
+from dromedary_ray.algos.parsing import (
+    REJECT_PROMPT_TOO_LONG,
+    REJECT_THOUGHTS_RUNAWAY,
+    LeakDetector,
+    judge_answer,
+)
 from dromedary_ray.config import RunConfig, SelfAlignConfig, resolve_path
 from dromedary_ray.data.schemas import PromptRow, RejectRow, SelfAlignRow
 from dromedary_ray.data.store import file_digest
-from dromedary_ray.engines.base import Generation
+from dromedary_ray.engines.base import Engine, Generation
 from dromedary_ray.principles import PrincipleSet, load_principles
-from dromedary_ray.prompts import chat_stop_strings, self_align_prompt
+from dromedary_ray.prompts import THOUGHTS_CLOSE, chat_stop_strings, self_align_prompt
+from dromedary_ray.runtime.generate import BatchResult
 from dromedary_ray.stages.base import StageContext
 
 
@@ -30,43 +36,77 @@ def row_seed(base: int, row_id: str) -> int:
 
 
 class SelfAlignTask:
-    """Prompt building and output filtering for one engine worker (see runtime.generate)."""
+    """Prompt building, two-phase decoding and filtering for one engine worker.
+
+    Phase 1 decodes the internal thoughts (one paragraph, stopped at the line end); phase 2
+    closes the thoughts tag and decodes the answer. Forcing the structure this way keeps small
+    models, which follow the exemplar pattern loosely, from skipping or never closing their
+    thoughts; phase 2 re-reads the shared prefix from vLLM's prefix cache.
+    """
 
     def __init__(self, tokenizer: Any, cfg: SelfAlignConfig, principles: PrincipleSet,
                  stage: str = "self_align"):
         self.tokenizer, self.cfg, self.principles, self.stage = tokenizer, cfg, principles, stage
         extra_stops = tuple(s for s in chat_stop_strings(tokenizer) if s not in cfg.sampling.stop)
         self.sampling = dataclasses.replace(cfg.sampling, stop=cfg.sampling.stop + extra_stops)
+        self.thought_sampling = dataclasses.replace(
+            cfg.sampling, max_new_tokens=cfg.max_thought_tokens, stop=("\n", THOUGHTS_CLOSE)
+        )
         exemplar_texts = [t for e in principles.exemplars for t in (e.query, e.thoughts, e.answer)]
         self.leak = LeakDetector(exemplar_texts, cfg.exemplar_leak_ngram)
-
-    def build_prompts(self, batch: pa.Table) -> list[str]:
-        return [self_align_prompt(self.tokenizer, self.principles, q)
-                for q in batch["query"].to_pylist()]
 
     def seeds(self, ids: list[str]) -> list[int]:
         return [row_seed(self.cfg.sampling.seed, i) for i in ids]
 
-    def postprocess(self, batch: pa.Table, gens: list[Generation]) -> tuple[pa.Table, pa.Table]:
-        kept, rejects = [], []
-        for prompt, gen in zip(PromptRow.from_table(batch), gens, strict=True):
+    def process(self, engine: Engine, batch: pa.Table) -> BatchResult:
+        prompts = PromptRow.from_table(batch)
+        seeds = self.seeds([p.id for p in prompts])
+        lead = self.cfg.thoughts_lead
+        docs = [self_align_prompt(self.tokenizer, self.principles, p.query) + lead for p in prompts]
+        thoughts_gen = engine.generate(docs, self.thought_sampling, seeds)
+        rejects, follow = [], []
+        for i, (prompt, gen) in enumerate(zip(prompts, thoughts_gen, strict=True)):
             if gen.error:
-                reason = REJECT_PROMPT_TOO_LONG if gen.error.startswith("prompt_too_long") else "error"
-                rejects.append(RejectRow(prompt.id, self.stage, reason, gen.error))
-                continue
-            comp = gen.completions[0]
-            parsed = parse_self_align(comp.text, comp.finish_reason, self.leak,
-                                      self.cfg.min_answer_words, self.cfg.max_repeated_ngram_fraction)
-            if parsed.reject_reason:
-                rejects.append(RejectRow(prompt.id, self.stage, parsed.reject_reason, comp.text))
-                continue
-            mean_lp = sum(comp.logprobs) / len(comp.logprobs) if comp.logprobs else 0.0
-            kept.append(SelfAlignRow(
-                id=prompt.id, query=prompt.query, thoughts=parsed.thoughts, answer=parsed.answer,
-                prompt_tokens=gen.prompt_tokens, completion_tokens=len(comp.token_ids),
-                mean_logprob=mean_lp, finish_reason=comp.finish_reason,
-            ))
-        return SelfAlignRow.to_table(kept), RejectRow.to_table(rejects)
+                rejects.append(RejectRow(prompt.id, self.stage, _error_reason(gen.error), gen.error))
+            elif gen.completions[0].finish_reason == "length":
+                rejects.append(RejectRow(prompt.id, self.stage, REJECT_THOUGHTS_RUNAWAY,
+                                         lead + gen.completions[0].text))
+            else:
+                follow.append(i)
+        thoughts = {i: (lead + thoughts_gen[i].completions[0].text).strip() for i in follow}
+        answer_gen = engine.generate(
+            [f"{docs[i]}{thoughts_gen[i].completions[0].text}\n{THOUGHTS_CLOSE}\n" for i in follow],
+            self.sampling, [seeds[i] for i in follow],
+        )
+        kept = []
+        for i, gen in zip(follow, answer_gen, strict=True):
+            row = self._judge(prompts[i], thoughts[i], gen, thoughts_gen[i].prompt_tokens)
+            (rejects if isinstance(row, RejectRow) else kept).append(row)
+        completion_tokens = sum(len(c.token_ids) for g in thoughts_gen + answer_gen
+                                for c in g.completions)
+        return BatchResult(SelfAlignRow.to_table(kept), RejectRow.to_table(rejects),
+                           sum(g.prompt_tokens for g in thoughts_gen), completion_tokens)
+
+    def _judge(self, prompt: PromptRow, thoughts: str, gen: Generation,
+               prompt_tokens: int) -> SelfAlignRow | RejectRow:
+        if gen.error:
+            return RejectRow(prompt.id, self.stage, _error_reason(gen.error), gen.error)
+        comp = gen.completions[0]
+        parsed = judge_answer(thoughts, comp.text, comp.finish_reason, self.leak,
+                              self.cfg.min_answer_words, self.cfg.max_repeated_ngram_fraction)
+        if parsed.reject_reason:
+            detail = f"{thoughts}\n{THOUGHTS_CLOSE}\n{comp.text}"
+            return RejectRow(prompt.id, self.stage, parsed.reject_reason, detail)
+        mean_lp = sum(comp.logprobs) / len(comp.logprobs) if comp.logprobs else 0.0
+        return SelfAlignRow(
+            id=prompt.id, query=prompt.query, thoughts=parsed.thoughts, answer=parsed.answer,
+            prompt_tokens=prompt_tokens, completion_tokens=len(comp.token_ids),
+            mean_logprob=mean_lp, finish_reason=comp.finish_reason,
+        )
+
+
+def _error_reason(error: str) -> str:
+    return REJECT_PROMPT_TOO_LONG if error.startswith("prompt_too_long") else "engine_error"
 
 
 class SelfAlignStage:

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from dromedary_ray.config import (
+    PROJECT_ROOT,
+    RunConfig,
+    SamplingConfig,
+    dump_config,
+    load_config,
+)
+from dromedary_ray.errors import ConfigError
+
+CONFIGS = PROJECT_ROOT / "configs"
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "dromedary-65b.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.stages == ("seeds", "self_align")
+
+
+def test_paper_scale_config_has_paper_decoding():
+    cfg = load_config(CONFIGS / "dromedary-65b.yaml")
+    assert cfg.engine.tensor_parallel_size == 4 and cfg.engine.gpus_per_engine == 4
+    assert (cfg.self_align.sampling.temperature, cfg.self_align.sampling.top_p) == (0.5, 0.95)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(CONFIGS / "local.yaml", ["self_align.sampling.temperature=0",
+                                               "engine.num_engines=2", "seeds.max_prompts=7",
+                                               "self_align.sampling.stop=[a, b]"])
+    assert cfg.self_align.sampling.temperature == 0.0
+    assert isinstance(cfg.self_align.sampling.temperature, float)
+    assert cfg.engine.num_engines == 2 and cfg.seeds.max_prompts == 7
+    assert cfg.self_align.sampling.stop == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("engine.num_engine=2", "engine.num_engine"),
+        ("self_align.sampling.temprature=1", "self_align.sampling.temprature"),
+        ("bogus=1", "bogus"),
+    ],
+)
+def test_unknown_keys_name_the_dotted_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: unknown key"):
+        load_config(CONFIGS / "local.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("engine.num_engines=two", r"engine\.num_engines: expected int"),
+        ("engine.num_engines=0", r"engine\.num_engines: must be >= 1"),
+        ("self_align.sampling.top_p=1.5", r"self_align\.sampling\.top_p: must be in"),
+        ("engine.backend=onnx", r"engine\.backend: must be vllm or transformers"),
+        ("recipe=nope", r"recipe: unknown recipe"),
+        ("engine.enforce_eager=1", r"engine\.enforce_eager: expected bool"),
+        ("engine=3", r"engine: expected a mapping"),
+        ("novalue", r"must look like key=value"),
+    ],
+)
+def test_invalid_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "local.yaml", [override])
+
+
+def test_config_file_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    cfg = load_config(CONFIGS / "local.yaml", ["self_align.sampling.stop=[x]"])
+    out = tmp_path / "resolved.yaml"
+    out.write_text(dump_config(cfg))
+    assert load_config(out) == cfg
+
+
+def test_sampling_validation_raises_instead_of_fixing():
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingConfig(temperature=-1)
