@@ -126,6 +126,7 @@ class SelfAlignConfig:
 
 
 RECIPES: dict[str, tuple[str, ...]] = {
+    "seeds_only": ("seeds",),
     "self_align": ("seeds", "self_align"),
 }
 

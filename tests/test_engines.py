@@ -16,7 +16,9 @@ PROMPTS = ["Tell me a story about a fox.", "What is the capital of Peru?", "List
 def vllm_engine(tiny_model):
     from dromedary_ray.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(tiny_model, CFG, seed=0)
+    engine = VLLMEngine(tiny_model, CFG, seed=0)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")

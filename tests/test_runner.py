@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from dromedary_ray.algos.parsing import SELF_ALIGN_REASONS
 from dromedary_ray.config import PROJECT_ROOT, load_config
 from dromedary_ray.data.schemas import PromptRow, RejectRow, SelfAlignRow
 from dromedary_ray.data.store import StageStore
@@ -58,10 +59,9 @@ def test_two_actors_yield_every_row_once(baseline):
     assert_every_row_once(run_dir)
     self_align = reports[-1]
     assert self_align.status == "ran" and self_align.kept + self_align.rejected == N_PROMPTS
-    # 16 new tokens from a random model never close the thoughts: truncated, with the text kept.
+    # A random model rambles: its rows are rejected with a known reason and their text kept.
     kept, rejects = stage_rows(run_dir)
-    assert {r.reason for r in rejects} <= {"truncated", "no_answer", "exemplar_leak",
-                                           "answer_too_short", "repetition"}
+    assert {r.reason for r in rejects} <= SELF_ALIGN_REASONS
     assert all(r.detail for r in rejects)
     assert self_align.metrics["batches"] == N_PROMPTS // 4
     manifest = StageStore(str(run_dir), "self_align").read_manifest()
@@ -86,13 +86,14 @@ def test_actor_killed_mid_stage_still_yields_every_row_once(baseline, tmp_path, 
     assert reports[-1].kept + reports[-1].rejected == N_PROMPTS
     assert_every_row_once(run_dir)
     # Per-row seeds: the retried batch sampled exactly what the uninterrupted run did.
-    assert stage_rows(run_dir) == stage_rows(baseline[0]) or _same_ids(run_dir, baseline[0])
+    assert_same_rows(run_dir, baseline[0])
 
 
-def _same_ids(a: Path, b: Path) -> bool:
-    ka, ra = stage_rows(a)
-    kb, rb = stage_rows(b)
-    return sorted(r.id for r in ka + ra) == sorted(r.id for r in kb + rb)
+def assert_same_rows(a: Path, b: Path) -> None:
+    """Same ids, and (per-row seeds) the same sampled text, whatever the batching."""
+    key = lambda r: r.id  # noqa: E731
+    for rows_a, rows_b in zip(stage_rows(a), stage_rows(b), strict=True):
+        assert sorted(rows_a, key=key) == sorted(rows_b, key=key)
 
 
 def test_driver_killed_and_restarted_gives_the_same_rows(baseline, tmp_path):
@@ -114,11 +115,7 @@ def test_driver_killed_and_restarted_gives_the_same_rows(baseline, tmp_path):
     manifest = store.read_manifest()
     assert manifest["status"] == "done" and manifest["metrics"]["resumed_rows"] >= 8
     assert_every_row_once(run_dir)
-    kept, rejects = stage_rows(run_dir)
-    base_kept, base_rejects = stage_rows(baseline[0])
-    key = lambda r: r.id  # noqa: E731
-    assert sorted(kept, key=key) == sorted(base_kept, key=key)
-    assert sorted(rejects, key=key) == sorted(base_rejects, key=key)
+    assert_same_rows(run_dir, baseline[0])
 
 
 def test_stage_rejects_over_long_prompts_with_a_reason(ray_local, tmp_path):

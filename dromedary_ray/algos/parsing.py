@@ -21,6 +21,11 @@ REJECT_TOO_SHORT = "answer_too_short"
 REJECT_LEAK = "exemplar_leak"
 REJECT_REPETITION = "repetition"
 REJECT_PROMPT_TOO_LONG = "prompt_too_long"
+REJECT_ENGINE_ERROR = "engine_error"
+SELF_ALIGN_REASONS = frozenset({
+    REJECT_NO_THOUGHTS, REJECT_THOUGHTS_RUNAWAY, REJECT_TRUNCATED, REJECT_NO_ANSWER,
+    REJECT_TOO_SHORT, REJECT_LEAK, REJECT_REPETITION, REJECT_PROMPT_TOO_LONG, REJECT_ENGINE_ERROR,
+})
 
 _WORD = re.compile(r"[a-z0-9']+")
 # Turn markers that mean the model began writing the next turn of the transcript itself.

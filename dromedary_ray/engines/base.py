@@ -35,6 +35,10 @@ class Engine(Protocol):
         """Sample completions; `seeds[i]` makes prompt i reproducible whatever its batch."""
         ...
 
+    def close(self) -> None:
+        """Release the engine's processes and memory."""
+        ...
+
 
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     """Token ids of rendered prompts.

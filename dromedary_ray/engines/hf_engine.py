@@ -51,6 +51,9 @@ class HFEngine:
         self.max_model_len = cfg.max_model_len
         self.seed = seed
 
+    def close(self) -> None:
+        self.model = None
+
     def generate(
         self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
     ) -> list[Generation]:

@@ -71,6 +71,10 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
 
+    def close(self) -> None:
+        """Stop the engine-core process now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _params(self, sampling: SamplingConfig, seed: int) -> Any:
         from vllm import SamplingParams
 

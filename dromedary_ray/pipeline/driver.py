@@ -38,6 +38,8 @@ class StageReport:
 
 def run_pipeline(config: RunConfig) -> list[StageReport]:
     """Run every stage of `config.recipe`; return one report per stage."""
+    for name in config.stages:  # bad files fail here, before Ray starts or a stage is touched
+        STAGES[name].check(config)
     _write_resolved_config(config)
     fingerprints: dict[str, str] = {}
     reports = []

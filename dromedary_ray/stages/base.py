@@ -28,6 +28,10 @@ class Stage(Protocol):
         """Everything that changes this stage's output besides its inputs."""
         ...
 
+    def check(self, config: RunConfig) -> None:
+        """Validate the files this stage will read; raise before anything starts."""
+        ...
+
     def run(self, ctx: StageContext) -> None:
         """Produce (or finish producing) the stage's tables in `ctx.store`."""
         ...

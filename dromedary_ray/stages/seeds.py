@@ -20,6 +20,9 @@ class SeedsStage:
         return {"seeds": config.section("seeds"),
                 "file": file_digest(resolve_path(config.seeds.file))}
 
+    def check(self, config: RunConfig) -> None:
+        load_seed_tasks(config.seeds.file)
+
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.config.seeds
         tasks = load_seed_tasks(cfg.file)  # raises naming the file and line of a broken row

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from dromedary_ray.algos.parsing import (
+    REJECT_ENGINE_ERROR,
     REJECT_PROMPT_TOO_LONG,
     REJECT_THOUGHTS_RUNAWAY,
     LeakDetector,
@@ -106,7 +107,7 @@ class SelfAlignTask:
 
 
 def _error_reason(error: str) -> str:
-    return REJECT_PROMPT_TOO_LONG if error.startswith("prompt_too_long") else "engine_error"
+    return REJECT_PROMPT_TOO_LONG if error.startswith("prompt_too_long") else REJECT_ENGINE_ERROR
 
 
 class SelfAlignStage:
@@ -123,6 +124,9 @@ class SelfAlignStage:
             "engine": {"backend": engine.backend, "dtype": engine.dtype,
                        "max_model_len": engine.max_model_len},
         }
+
+    def check(self, config: RunConfig) -> None:
+        load_principles(config.self_align.principles_file)
 
     def run(self, ctx: StageContext) -> None:
         from dromedary_ray.models import resolve_model
