@@ -125,9 +125,120 @@ class SelfAlignConfig:
         _check(self.exemplar_leak_ngram >= 4, "exemplar_leak_ngram", "must be >= 4")
 
 
+@dataclass(frozen=True)
+class SelfInstructConfig:
+    """Self-Instruct rounds (Wang et al. 2023): few-shot prompts from the seed and synthetic pools."""
+
+    target_count: int = 64  # new instructions to keep
+    num_seed_examples: int = 6  # few-shot examples drawn from the seed pool per prompt
+    num_synthetic_examples: int = 2  # ... and from instructions made in earlier rounds
+    requests_per_round: int = 32
+    max_rounds: int = 20
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.98, max_new_tokens=256)
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.target_count >= 0, "target_count", "must be >= 0")
+        _check(self.num_seed_examples >= 1, "num_seed_examples", "must be >= 1")
+        _check(self.requests_per_round >= 1, "requests_per_round", "must be >= 1")
+        _check(self.max_rounds >= 1, "max_rounds", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RedTeamConfig:
+    """Topic-guided red-teaming (Self-Align §3.1): topics per question type, then questions."""
+
+    types_file: str = "principles/red_team_types.yaml"
+    topics_per_type: int = 4
+    brainstorm_rounds: int = 2
+    questions_per_topic: int = 1
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.98, max_new_tokens=128)
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.topics_per_type >= 0, "topics_per_type", "must be >= 0")
+        _check(self.brainstorm_rounds >= 1, "brainstorm_rounds", "must be >= 1")
+        _check(self.questions_per_topic >= 1, "questions_per_topic", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    """The synthesize stage: self-instruct and red-teaming prompts, filtered, in one table."""
+
+    seed_file: str = "principles/seed_tasks.jsonl"
+    self_instruct: SelfInstructConfig = field(default_factory=SelfInstructConfig)
+    red_team: RedTeamConfig = field(default_factory=RedTeamConfig)
+    min_words: int = 3
+    max_words: int = 150
+    # Alpaca's filter: tasks a text-only model cannot do.
+    banned_keywords: tuple[str, ...] = (
+        "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map",
+        "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+    )
+    rouge_threshold: float = 0.7  # near-duplicate: ROUGE-L F strictly above this is dropped
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.min_words <= self.max_words, "min_words", "must be in [1, max_words]")
+        _check(0 < self.rouge_threshold <= 1, "rouge_threshold", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Supervised fine-tuning on Ray Train with DeepSpeed ZeRO-3 (engrave, verbose clone)."""
+
+    method: str = "full"  # full | lora
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    merge_lora: bool = True  # write merged full weights (else the adapter folder)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    micro_batch_size: int = 4  # per worker
+    gradient_accumulation_steps: int = 1
+    max_seq_len: int = 512
+    zero_stage: int = 3
+    bf16: bool = False  # CPUs here lack fast bf16; set true on A100/H100
+    gradient_checkpointing: bool = False
+    checkpoint_every_steps: int = 50
+    max_failures: int = 2  # Ray Train restarts from the last checkpoint this many times
+    log_every_steps: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("full", "lora"), "method", "must be full or lora")
+        _check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
+               "must be >= 1")
+        _check(self.max_seq_len >= 16, "max_seq_len", "must be >= 16")
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
+        _check(self.lora_rank >= 1, "lora_rank", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngraveConfig:
+    """Principle engraving (Self-Align §3.3): fine-tune on (query, answer) without principles."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "seeds_only": ("seeds",),
     "self_align": ("seeds", "self_align"),
+    "dromedary": ("synthesize", "self_align", "engrave", "verbose_clone"),
 }
 
 
@@ -140,6 +251,8 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
     self_align: SelfAlignConfig = field(default_factory=SelfAlignConfig)
+    synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    engrave: EngraveConfig = field(default_factory=EngraveConfig)
 
     def __post_init__(self) -> None:
         _check(self.recipe in RECIPES, "recipe", f"unknown recipe; known: {', '.join(RECIPES)}")

@@ -11,7 +11,7 @@ ROWS = {
     PromptRow: PromptRow("a", "seed", "What is 2+2?"),
     SelfAlignRow: SelfAlignRow("a", "q", "thinking", "answer", 10, 5, -1.5, "stop"),
     RejectRow: RejectRow("a", "self_align", "truncated", "text"),
-    BatchSummary: BatchSummary("part-x", 4, 3, 1, 100, 50, 1.25),
+    BatchSummary: BatchSummary("part-x", 4, 3, 1, 100, 50, 1700000000.5, 1.25),
 }
 
 

@@ -98,10 +98,12 @@ class BatchSummary(Row):
     rejected: int
     prompt_tokens: int
     completion_tokens: int
+    started: float  # wall-clock time.time() when the worker began the batch
     seconds: float
 
     SCHEMA: ClassVar[pa.Schema] = pa.schema(
         [("shard", pa.string()), ("rows", pa.int64()), ("kept", pa.int64()),
          ("rejected", pa.int64()), ("prompt_tokens", pa.int64()),
-         ("completion_tokens", pa.int64()), ("seconds", pa.float64())]
+         ("completion_tokens", pa.int64()), ("started", pa.float64()),
+         ("seconds", pa.float64())]
     )

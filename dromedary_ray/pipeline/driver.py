@@ -43,8 +43,7 @@ def run_pipeline(config: RunConfig) -> list[StageReport]:
     _write_resolved_config(config)
     fingerprints: dict[str, str] = {}
     reports = []
-    needs_ray = any(STAGES[name].inputs for name in config.stages)
-    if needs_ray:
+    if any(STAGES[name].uses_ray for name in config.stages):
         from dromedary_ray.runtime.cluster import connect
 
         connect(config.ray)
@@ -63,7 +62,8 @@ def _write_resolved_config(config: RunConfig) -> None:
 def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str]) -> StageReport:
     stage = STAGES[name]
     store = StageStore(config.run_dir, name)
-    input_fps = {i: fingerprints[i] for i in stage.inputs}
+    inputs = stage.input_stages(config)
+    input_fps = {i: fingerprints[i] for i in inputs}
     fp = fingerprint({"stage": name, "payload": stage.fingerprint_payload(config),
                       "inputs": input_fps})
     fingerprints[name] = fp
@@ -83,7 +83,7 @@ def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str]) -> Sta
     base = {"stage": name, "fingerprint": fp, "input_fingerprints": input_fps,
             "config": stage.fingerprint_payload(config), "started": started}
     store.write_manifest({**base, "status": "running"})
-    ctx = StageContext(config, store, {i: StageStore(config.run_dir, i) for i in stage.inputs})
+    ctx = StageContext(config, store, {i: StageStore(config.run_dir, i) for i in inputs})
     stage.run(ctx)
     seconds = round(time.time() - started, 2)
     report = _report(stage, store, "ran", seconds, ctx.metrics)

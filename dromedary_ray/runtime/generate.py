@@ -71,7 +71,7 @@ class GenerationWorker:
         self.store = store
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         ids = batch["id"].to_pylist()
         result = self.task.process(self.engine, batch)
         maybe_die("worker_batch")  # fault tests: die after the work, before the commit
@@ -84,6 +84,7 @@ class GenerationWorker:
             rejected=result.rejects.num_rows,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
+            started=started,
             seconds=time.perf_counter() - start,
         )
         return BatchSummary.to_table([summary])

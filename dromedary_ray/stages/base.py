@@ -10,19 +10,39 @@ import pyarrow as pa
 from dromedary_ray.config import RunConfig
 from dromedary_ray.data.store import StageStore
 
+PROMPT_STAGES = ("synthesize", "seeds")  # stages that write a PromptRow table
+
+
+def prompt_source(config: RunConfig) -> str:
+    """The recipe's prompts table: synthetic prompts where the recipe makes them, else seeds."""
+    for name in PROMPT_STAGES:
+        if name in config.stages:
+            return name
+    raise ValueError(f"recipe {config.recipe!r} has no prompt stage ({', '.join(PROMPT_STAGES)})")
+
 
 @dataclass
 class StageContext:
+    """What the driver hands a stage: the config, its own folder and its inputs' folders."""
+
     config: RunConfig
     store: StageStore  # this stage's folder
     inputs: dict[str, StageStore]  # upstream stages' folders, by name
+
+    def only_input(self) -> StageStore:
+        (store,) = self.inputs.values()
+        return store
     metrics: dict[str, Any] = field(default_factory=dict)  # the stage fills these in
 
 
 class Stage(Protocol):
     name: str
-    inputs: tuple[str, ...]
     data_schema: pa.Schema
+    uses_ray: bool  # the driver connects to Ray before the first stage that does
+
+    def input_stages(self, config: RunConfig) -> tuple[str, ...]:
+        """The stages whose outputs this one reads, in this recipe."""
+        ...
 
     def fingerprint_payload(self, config: RunConfig) -> dict[str, Any]:
         """Everything that changes this stage's output besides its inputs."""

@@ -13,8 +13,11 @@ from dromedary_ray.stages.base import StageContext
 
 class SeedsStage:
     name = "seeds"
-    inputs: tuple[str, ...] = ()
     data_schema = PromptRow.SCHEMA
+    uses_ray = False
+
+    def input_stages(self, config: RunConfig) -> tuple[str, ...]:
+        return ()
 
     def fingerprint_payload(self, config: RunConfig) -> dict[str, Any]:
         return {"seeds": config.section("seeds"),

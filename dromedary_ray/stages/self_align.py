@@ -27,7 +27,7 @@ from dromedary_ray.engines.base import Engine, Generation
 from dromedary_ray.principles import PrincipleSet, load_principles
 from dromedary_ray.prompts import THOUGHTS_CLOSE, chat_stop_strings, self_align_prompt
 from dromedary_ray.runtime.generate import BatchResult
-from dromedary_ray.stages.base import StageContext
+from dromedary_ray.stages.base import StageContext, prompt_source
 
 
 def row_seed(base: int, row_id: str) -> int:
@@ -112,8 +112,11 @@ def _error_reason(error: str) -> str:
 
 class SelfAlignStage:
     name = "self_align"
-    inputs = ("seeds",)
     data_schema = SelfAlignRow.SCHEMA
+    uses_ray = True
+
+    def input_stages(self, config: RunConfig) -> tuple[str, ...]:
+        return (prompt_source(config),)
 
     def fingerprint_payload(self, config: RunConfig) -> dict[str, Any]:
         engine = config.engine
@@ -134,7 +137,7 @@ class SelfAlignStage:
 
         cfg = ctx.config
         principles = load_principles(cfg.self_align.principles_file)
-        prompts = ctx.inputs["seeds"].read("data", PromptRow.SCHEMA)
+        prompts = ctx.only_input().read("data", PromptRow.SCHEMA)
         done = ctx.store.done_ids({"data": SelfAlignRow.SCHEMA, "rejects": RejectRow.SCHEMA})
         todo = prompts.filter(pa.array([i not in done for i in prompts["id"].to_pylist()],
                                        type=pa.bool_()))
