@@ -235,6 +235,28 @@ class EngraveConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass(frozen=True)
+class VerboseCloneConfig:
+    """Verbose cloning (Self-Align §3.4): the engraved model answers under a verbose system
+    prompt, then a second fine-tune learns those answers without the prompt."""
+
+    system_prompt_file: str = "principles/verbose.yaml"
+    # The paper decoded at T=0.3, top-p 0.7 with tri/quad-gram frequency penalties (1.0, 2.0).
+    # vLLM has token-level penalties only; a frequency penalty is the nearest we have.
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.3, top_p=0.7, max_new_tokens=512,
+                                               frequency_penalty=0.3)
+    )
+    min_answer_words: int = 8
+    max_repeated_ngram_fraction: float = 0.5
+    init_from: str = "base"  # base | engraved: the model the second fine-tune starts from
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.init_from in ("base", "engraved"), "init_from", "must be base or engraved")
+        _check(self.min_answer_words >= 1, "min_answer_words", "must be >= 1")
+
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "seeds_only": ("seeds",),
     "self_align": ("seeds", "self_align"),
@@ -253,6 +275,7 @@ class RunConfig:
     self_align: SelfAlignConfig = field(default_factory=SelfAlignConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     engrave: EngraveConfig = field(default_factory=EngraveConfig)
+    verbose_clone: VerboseCloneConfig = field(default_factory=VerboseCloneConfig)
 
     def __post_init__(self) -> None:
         _check(self.recipe in RECIPES, "recipe", f"unknown recipe; known: {', '.join(RECIPES)}")

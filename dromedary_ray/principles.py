@@ -112,6 +112,12 @@ def load_principles(path: str | Path) -> PrincipleSet:
     )
 
 
+def load_system_prompt(path: str | Path) -> str:
+    """Load a YAML file holding one `system_prompt` (the verbose-cloning prompt, say)."""
+    p = resolve_path(str(path))
+    return _field(p, _read_yaml(p), "system_prompt", "")
+
+
 def load_seed_tasks(path: str | Path) -> list[SeedTask]:
     """Load instructions in the Self-Instruct seed JSONL format.
 

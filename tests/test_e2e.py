@@ -34,6 +34,9 @@ def test_run_end_to_end_then_skip(tmp_path: Path):
     assert (run / "config.yaml").read_text().count("tiny-llama") == 1
     rejects = pq.read_table(run / "self_align" / "rejects")
     assert sorted(rejects.column_names) == ["detail", "id", "reason", "stage"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["name"], x["status"]) for x in lines] == [("seeds", "ran"), ("self_align", "ran")]
+    assert list((run / "tensorboard" / "self_align").glob("events.out.tfevents.*"))
     second = dromedary("run", CONFIG, "--run-dir", str(run), *TINY)
     assert second.returncode == 0
     assert "self_align   skipped" in second.stdout

@@ -54,6 +54,11 @@ def test_rejects_with_reason(thoughts, answer, finish, reason):
     assert judge(thoughts, answer, finish).reject_reason == reason
 
 
+def test_answers_without_thoughts_skip_the_thoughts_check():
+    assert judge(None, "A complete answer with words.").reject_reason is None
+    assert judge(None, "Cut off answer here", "length").reject_reason == REJECT_TRUNCATED
+
+
 def test_repetition_measure():
     assert repeated_ngram_fraction("one two three four five six") == 0.0
     assert repeated_ngram_fraction("a b c d " * 10) > 0.8

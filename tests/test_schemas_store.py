@@ -4,13 +4,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dromedary_ray.data.schemas import BatchSummary, PromptRow, RejectRow, SelfAlignRow
+from dromedary_ray.data.schemas import AnswerRow, BatchSummary, PromptRow, RejectRow, SelfAlignRow
 from dromedary_ray.data.store import StageStore, fingerprint, shard_name
 
 ROWS = {
     PromptRow: PromptRow("a", "seed", "What is 2+2?"),
     SelfAlignRow: SelfAlignRow("a", "q", "thinking", "answer", 10, 5, -1.5, "stop"),
     RejectRow: RejectRow("a", "self_align", "truncated", "text"),
+    AnswerRow: AnswerRow("a", "q", "long answer", 12, 40, -0.5, "stop"),
     BatchSummary: BatchSummary("part-x", 4, 3, 1, 100, 50, 1700000000.5, 1.25),
 }
 

@@ -34,7 +34,7 @@ _TURN_MARKERS = (THOUGHTS_OPEN.strip(), "<|im_start|>", "### User", "### Assista
 
 @dataclass(frozen=True)
 class ParsedAnswer:
-    thoughts: str
+    thoughts: str | None
     answer: str
     reject_reason: str | None  # None: keep
 
@@ -65,17 +65,17 @@ class LeakDetector:
 
 
 def judge_answer(
-    thoughts: str,
+    thoughts: str | None,
     answer: str,
     finish_reason: str,
     leak: LeakDetector,
     min_answer_words: int,
     max_repeated_fraction: float,
 ) -> ParsedAnswer:
-    """Decide whether to keep one self_align (thoughts, answer) pair; the first failing check
-    names the reason."""
-    thoughts, answer = thoughts.strip(), answer.strip()
-    if not thoughts:
+    """Decide whether to keep one answer (and its thoughts, where the stage asks for them);
+    the first failing check names the reason."""
+    thoughts, answer = (thoughts.strip() if thoughts is not None else None), answer.strip()
+    if thoughts == "":
         return ParsedAnswer(thoughts, answer, REJECT_NO_THOUGHTS)
     if finish_reason == "length":
         return ParsedAnswer(thoughts, answer, REJECT_TRUNCATED)

@@ -74,6 +74,31 @@ class SelfAlignRow(Row):
 
 
 @dataclass(frozen=True)
+class AnswerRow(Row):
+    """A plain (query, answer) pair, e.g. a verbose-cloning answer: SFT data without thoughts."""
+
+    id: str
+    query: str
+    answer: str
+    prompt_tokens: int
+    completion_tokens: int
+    mean_logprob: float
+    finish_reason: str
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("id", pa.string()),
+            ("query", pa.string()),
+            ("answer", pa.string()),
+            ("prompt_tokens", pa.int32()),
+            ("completion_tokens", pa.int32()),
+            ("mean_logprob", pa.float32()),
+            ("finish_reason", pa.string()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
 class RejectRow(Row):
     """A row a stage did not keep, with the reason and the text that was judged."""
 

@@ -52,6 +52,18 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def write_run_file(run_dir: str, name: str, data: bytes, append: bool = False) -> None:
+    """Write (or append to) a file at the top of the run directory, local or remote."""
+    fs, root = _filesystem(run_dir)
+    fs.create_dir(root, recursive=True)
+    path = f"{root}/{name}"
+    if append and fs.get_file_info(path).type != pafs.FileType.NotFound:
+        with fs.open_input_stream(path) as f:
+            data = f.read() + data  # object stores cannot append; run files are small
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
 class StageStore:
     """One stage's folder in the run directory. Picklable: Ray workers write shards with it."""
 

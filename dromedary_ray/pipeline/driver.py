@@ -7,6 +7,8 @@ The same fingerprint with status "done" skips the stage; the same fingerprint wi
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ import pyarrow.compute as pc
 
 from dromedary_ray.config import RunConfig, dump_config
 from dromedary_ray.data.schemas import RejectRow
-from dromedary_ray.data.store import StageStore, fingerprint
+from dromedary_ray.data.store import StageStore, fingerprint, write_run_file
 from dromedary_ray.stages import STAGES
 from dromedary_ray.stages.base import StageContext
 
@@ -48,15 +50,42 @@ def run_pipeline(config: RunConfig) -> list[StageReport]:
 
         connect(config.ray)
     for name in config.stages:
-        reports.append(run_stage(config, name, fingerprints))
+        report = run_stage(config, name, fingerprints)
+        _log_metrics(config, report)
+        reports.append(report)
     return reports
 
 
 def _write_resolved_config(config: RunConfig) -> None:
-    if "://" in config.run_dir:
-        return  # object-store runs keep the resolved config in each manifest only
-    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.run_dir) / "config.yaml").write_text(dump_config(config))
+    write_run_file(config.run_dir, "config.yaml", dump_config(config).encode())
+
+
+def _log_metrics(config: RunConfig, report: StageReport) -> None:
+    """One JSON line per stage run in <run>/metrics.jsonl, and scalars for TensorBoard."""
+    record = {"time": time.time(), **dataclasses.asdict(report)}
+    line = json.dumps(record, sort_keys=True, default=str) + "\n"
+    write_run_file(config.run_dir, "metrics.jsonl", line.encode(), append=True)
+    if "://" in config.run_dir or report.status == "skipped":
+        return
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(Path(config.run_dir) / "tensorboard" / report.name)) as tb:
+        scalars = {"rows/kept": report.kept, "rows/rejected": report.rejected,
+                   "time/seconds": report.seconds}
+        scalars.update({f"rejects/{k}": v for k, v in report.reject_reasons.items()})
+        scalars.update({f"metrics/{k}": v for k, v in _flat(report.metrics).items()})
+        for key, value in scalars.items():
+            tb.add_scalar(key, value, global_step=0)
+
+
+def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str]) -> StageReport:

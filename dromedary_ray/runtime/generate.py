@@ -118,7 +118,7 @@ def run_generation(
                                    store=store, seed=seed),
         batch_size=None,  # one block = one batch = one shard
         batch_format="pyarrow",
-        concurrency=engine_cfg.num_engines,
+        compute=ray.data.ActorPoolStrategy(size=engine_cfg.num_engines),
         num_cpus=engine_cfg.cpus_per_engine,
         num_gpus=engine_cfg.gpus_per_engine or None,
         runtime_env={"env_vars": fault_env()},

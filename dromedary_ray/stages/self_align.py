@@ -68,7 +68,7 @@ class SelfAlignTask:
         rejects, follow = [], []
         for i, (prompt, gen) in enumerate(zip(prompts, thoughts_gen, strict=True)):
             if gen.error:
-                rejects.append(RejectRow(prompt.id, self.stage, _error_reason(gen.error), gen.error))
+                rejects.append(RejectRow(prompt.id, self.stage, error_reason(gen.error), gen.error))
             elif gen.completions[0].finish_reason == "length":
                 rejects.append(RejectRow(prompt.id, self.stage, REJECT_THOUGHTS_RUNAWAY,
                                          lead + gen.completions[0].text))
@@ -91,7 +91,7 @@ class SelfAlignTask:
     def _judge(self, prompt: PromptRow, thoughts: str, gen: Generation,
                prompt_tokens: int) -> SelfAlignRow | RejectRow:
         if gen.error:
-            return RejectRow(prompt.id, self.stage, _error_reason(gen.error), gen.error)
+            return RejectRow(prompt.id, self.stage, error_reason(gen.error), gen.error)
         comp = gen.completions[0]
         parsed = judge_answer(thoughts, comp.text, comp.finish_reason, self.leak,
                               self.cfg.min_answer_words, self.cfg.max_repeated_ngram_fraction)
@@ -106,7 +106,7 @@ class SelfAlignTask:
         )
 
 
-def _error_reason(error: str) -> str:
+def error_reason(error: str) -> str:
     return REJECT_PROMPT_TOO_LONG if error.startswith("prompt_too_long") else REJECT_ENGINE_ERROR
 
 

@@ -1,0 +1,129 @@
+"""verbose_clone: context distillation of a verbose system prompt (Self-Align §3.4).
+
+The engraved model answers the recipe's prompts under our verbose-answer system prompt; answers
+that pass the filters become the stage's data table, and a second fine-tune on them (without the
+system prompt) produces the stage's model. Generation commits shards as it goes and training
+checkpoints through Ray Train, so an interrupted stage resumes in either phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pyarrow as pa
+
+from dromedary_ray.algos.parsing import LeakDetector, judge_answer
+from dromedary_ray.config import RunConfig, VerboseCloneConfig, resolve_path
+from dromedary_ray.data.schemas import AnswerRow, PromptRow, RejectRow
+from dromedary_ray.data.store import file_digest
+from dromedary_ray.engines.base import Engine
+from dromedary_ray.principles import load_system_prompt
+from dromedary_ray.prompts import chat_stop_strings, render_chat
+from dromedary_ray.runtime.generate import BatchResult
+from dromedary_ray.stages.base import StageContext, prompt_source
+from dromedary_ray.stages.self_align import error_reason, generation_metrics, row_seed
+
+
+class VerboseTask:
+    """One engine worker's share: answer under the verbose prompt, filter, tabulate."""
+
+    def __init__(self, tokenizer: Any, cfg: VerboseCloneConfig, system_prompt: str,
+                 stage: str = "verbose_clone"):
+        self.tokenizer, self.cfg, self.system_prompt, self.stage = tokenizer, cfg, system_prompt, stage
+        stops = cfg.sampling.stop + tuple(s for s in chat_stop_strings(tokenizer)
+                                          if s not in cfg.sampling.stop)
+        self.sampling = dataclasses.replace(cfg.sampling, stop=stops)
+        # An answer that recites the system prompt has learned the prompt, not the style.
+        self.leak = LeakDetector([system_prompt], n=8)
+
+    def process(self, engine: Engine, batch: pa.Table) -> BatchResult:
+        prompts = PromptRow.from_table(batch)
+        docs = [render_chat(self.tokenizer, [{"role": "system", "content": self.system_prompt},
+                                             {"role": "user", "content": p.query}])
+                for p in prompts]
+        seeds = [row_seed(self.cfg.sampling.seed, p.id) for p in prompts]
+        gens = engine.generate(docs, self.sampling, seeds)
+        kept, rejects = [], []
+        for prompt, gen in zip(prompts, gens, strict=True):
+            if gen.error:
+                rejects.append(RejectRow(prompt.id, self.stage, error_reason(gen.error), gen.error))
+                continue
+            comp = gen.completions[0]
+            verdict = judge_answer(None, comp.text, comp.finish_reason, self.leak,
+                                   self.cfg.min_answer_words, self.cfg.max_repeated_ngram_fraction)
+            if verdict.reject_reason:
+                rejects.append(RejectRow(prompt.id, self.stage, verdict.reject_reason, comp.text))
+                continue
+            mean_lp = sum(comp.logprobs) / len(comp.logprobs) if comp.logprobs else 0.0
+            kept.append(AnswerRow(prompt.id, prompt.query, verdict.answer, gen.prompt_tokens,
+                                  len(comp.token_ids), mean_lp, comp.finish_reason))
+        tokens = sum(len(c.token_ids) for g in gens for c in g.completions)
+        return BatchResult(AnswerRow.to_table(kept), RejectRow.to_table(rejects),
+                           sum(g.prompt_tokens for g in gens), tokens)
+
+
+class VerboseCloneStage:
+    name = "verbose_clone"
+    data_schema = AnswerRow.SCHEMA
+    uses_ray = True
+
+    def input_stages(self, config: RunConfig) -> tuple[str, ...]:
+        return (prompt_source(config), "engrave")
+
+    def check(self, config: RunConfig) -> None:
+        load_system_prompt(config.verbose_clone.system_prompt_file)
+
+    def fingerprint_payload(self, config: RunConfig) -> dict[str, Any]:
+        engine = config.engine
+        return {
+            "verbose_clone": config.section("verbose_clone"),
+            "system_prompt": file_digest(resolve_path(config.verbose_clone.system_prompt_file)),
+            "model": config.model,
+            "engine": {"backend": engine.backend, "dtype": engine.dtype,
+                       "max_model_len": engine.max_model_len},
+        }
+
+    def run(self, ctx: StageContext) -> None:
+        from dromedary_ray.models import resolve_model
+        from dromedary_ray.runtime.generate import TaskSpec, run_generation
+        from dromedary_ray.runtime.train import train_sft
+
+        cfg = ctx.config
+        engraved = resolve_model("run:engrave", cfg.run_dir)
+        prompts = ctx.inputs[prompt_source(cfg)].read("data", PromptRow.SCHEMA)
+        done = ctx.store.done_ids({"data": AnswerRow.SCHEMA, "rejects": RejectRow.SCHEMA})
+        todo = prompts.filter(pa.array([i not in done for i in prompts["id"].to_pylist()],
+                                       type=pa.bool_()))
+        system_prompt = load_system_prompt(cfg.verbose_clone.system_prompt_file)
+        summaries = run_generation(
+            todo, store=ctx.store, model_path=engraved, engine_cfg=cfg.engine,
+            task=TaskSpec(VerboseTask, {"cfg": cfg.verbose_clone, "system_prompt": system_prompt}),
+            seed=cfg.verbose_clone.sampling.seed, desc="verbose_clone",
+        )
+        ctx.metrics.update(generation_metrics(summaries), resumed_rows=len(done))
+        answers = AnswerRow.from_table(ctx.store.read("data", AnswerRow.SCHEMA))
+        if not answers:
+            raise_no_data(self.name)
+        base = resolve_model(cfg.model, cfg.run_dir)
+        result = train_sft(
+            [{"query": a.query, "answer": a.answer} for a in answers],
+            base_model_path=engraved if cfg.verbose_clone.init_from == "engraved" else base,
+            out_dir=ctx.store.model_dir,
+            cfg=cfg.verbose_clone.train,
+            metrics_path=f"{ctx.store.root}/train_metrics.jsonl",
+        )
+        ctx.metrics["train"] = train_metrics(result)
+
+
+def raise_no_data(stage: str) -> None:
+    from dromedary_ray.errors import StageError
+
+    raise StageError(f"{stage}: every generated answer was rejected; nothing to fine-tune on "
+                     f"(see {stage}/rejects for the reasons)")
+
+
+def train_metrics(result: Any) -> dict[str, Any]:
+    """The manifest's view of a fine-tune: loss at both ends, steps, speed, resume point."""
+    return {k: getattr(result, k) for k in ("first_loss", "final_loss", "steps",
+                                            "tokens_per_second", "seconds", "resumed_from_step")}
