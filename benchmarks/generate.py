@@ -108,7 +108,8 @@ def main() -> None:
     print(f"{'path':<34}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'vs HF':>8}{'vs vLLM':>9}")
     for name, (tok, sec) in results.items():
         rate = tok / sec
-        print(f"{name:<34}{tok:>8}{sec:>9.1f}{rate:>9.1f}{rate / base:>7.2f}x{rate / vdirect:>8.2f}x")
+        print(f"{name:<34}{tok:>8}{sec:>9.1f}{rate:>9.1f}"
+              f"{rate / base:>7.2f}x{rate / vdirect:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ class SelfAlignConfig:
 
 @dataclass(frozen=True)
 class SelfInstructConfig:
-    """Self-Instruct rounds (Wang et al. 2023): few-shot prompts from the seed and synthetic pools."""
+    """Self-Instruct rounds (Wang et al. 2023): few-shot prompts from seed and synthetic pools."""
 
     target_count: int = 64  # new instructions to keep
     num_seed_examples: int = 6  # few-shot examples drawn from the seed pool per prompt

@@ -1,4 +1,4 @@
-"""Model specs: turn what a user writes (`builtin:smollm2-135m`, a path, a hub id) into a local folder.
+"""Model specs: turn what a user writes (`builtin:smollm2-135m`, a path, a hub id) into a folder.
 
 Every engine and trainer takes a local Hugging Face folder, so this is the one place that knows
 where models come from. Built-ins are made once and cached under the dromedary home directory

@@ -64,7 +64,8 @@ def _read_yaml(path: Path) -> Any:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise InputFileError(str(path), f"invalid YAML: {getattr(err, 'problem', err)}", line) from None
+        problem = getattr(err, "problem", err)
+        raise InputFileError(str(path), f"invalid YAML: {problem}", line) from None
 
 
 def _field(path: Path, node: Any, key: str, where: str, kind: type = str) -> Any:
@@ -149,7 +150,8 @@ def _parse_seed_line(p: Path, n: int, line: str) -> SeedTask:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise InputFileError(str(p), f"not valid JSON ({err.msg} at column {err.colno})", n) from None
+        what = f"not valid JSON ({err.msg} at column {err.colno})"
+        raise InputFileError(str(p), what, n) from None
     if not isinstance(row, dict):
         raise InputFileError(str(p), "each line must be a JSON object", n)
     instruction = row.get("instruction")

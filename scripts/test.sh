@@ -8,4 +8,5 @@ VENV="${DROMEDARY_VENV:-.venv}"
 # DeepSpeed compiles its CPU ops on first use (~1 min); keep them between runs.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/dromedary-ray/torch_extensions}"
 export PYTHONUNBUFFERED=1
+"$VENV/bin/ruff" check dromedary_ray tests benchmarks
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -81,7 +81,7 @@ def test_greedy_agrees_between_backends(vllm_engine, hf_engine):
     sp = SamplingConfig(temperature=0.0, max_new_tokens=6)
     v = vllm_engine.generate(PROMPTS, sp)
     h = hf_engine.generate(PROMPTS, sp)
-    for gv, gh in zip(v, h):
+    for gv, gh in zip(v, h, strict=True):
         assert gv.prompt_tokens == gh.prompt_tokens
         # Random weights give near-flat logits; compare the first tokens, where ties are rare.
         assert gv.completions[0].token_ids[:3] == gh.completions[0].token_ids[:3]

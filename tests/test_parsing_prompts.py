@@ -20,7 +20,7 @@ from dromedary_ray.prompts import (
     self_align_prompt,
 )
 
-EXEMPLAR = "The capital of France is Paris and it sits on the river Seine in the north of the country"
+EXEMPLAR = "The capital of France is Paris and it sits on the river Seine in the north of France"
 LEAK = LeakDetector([EXEMPLAR], n=8)
 
 

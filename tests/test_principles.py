@@ -27,7 +27,8 @@ def test_shipped_seeds_load():
     assert len(tasks) >= 175
     assert len({t.id for t in tasks}) == len(tasks)
     with_input = next(t for t in tasks if t.input)
-    assert with_input.query.endswith(with_input.input) and with_input.instruction in with_input.query
+    assert with_input.query.endswith(with_input.input)
+    assert with_input.instruction in with_input.query
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -56,7 +57,8 @@ def test_minimal_principle_file_loads(tmp_path):
     [
         ("name: t\nrules: [unclosed\n", r"p\.yaml:\d+: invalid YAML"),
         (GOOD_YAML.replace("preamble: p\n", ""), r"p\.yaml \[preamble\]: missing required key"),
-        (GOOD_YAML.replace("text: be good", "text: ''"), r"\[rules\[0\]\.text\]: must not be empty"),
+        (GOOD_YAML.replace("text: be good", "text: ''"),
+         r"\[rules\[0\]\.text\]: must not be empty"),
         (GOOD_YAML.replace("id: 1", "id: 2"), r"\[rules\]: rule ids must be 1\.\.1"),
         (GOOD_YAML.replace("id: 1", "id: one"), r"\[rules\[0\]\.id\]: expected int"),
         (GOOD_YAML.replace("thoughts: t, ", ""), r"\[exemplars\[0\]\.thoughts\]: missing"),

@@ -16,6 +16,7 @@ from dromedary_ray.pipeline.driver import run_pipeline
 
 pytestmark = pytest.mark.slow
 
+CONFIG = str(PROJECT_ROOT / "configs/local.yaml")
 N_PROMPTS = 24
 TINY = [
     "model=builtin:tiny-llama",
@@ -100,8 +101,8 @@ def test_driver_killed_and_restarted_gives_the_same_rows(baseline, tmp_path):
     """SIGKILL the driver after two committed batches, rerun, compare with the baseline."""
     run_dir = tmp_path / "run"
     marker = tmp_path / "driver-killed"
-    cmd = [sys.executable, "-m", "dromedary_ray.cli", "run", str(PROJECT_ROOT / "configs/local.yaml"),
-           "--run-dir", str(run_dir), *TINY]
+    cmd = [sys.executable, "-m", "dromedary_ray.cli", "run", CONFIG, "--run-dir", str(run_dir),
+           *TINY]
     env = {**os.environ, "DROMEDARY_FAULT": f"driver_shard:2:{marker}"}
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == -9 and marker.exists(), first.stderr[-2000:]

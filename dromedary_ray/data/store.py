@@ -121,7 +121,9 @@ class StageStore:
             self.fs.delete_file(self._names("rejects")[name])
         return len(orphans)
 
-    def read(self, table_name: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    def read(
+        self, table_name: str, schema: pa.Schema, columns: list[str] | None = None
+    ) -> pa.Table:
         """All committed shards of a table, each id once (first shard in name order wins)."""
         assert table_name in TABLES, table_name
         paths = self._names(table_name)

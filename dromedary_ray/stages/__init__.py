@@ -7,4 +7,11 @@ from dromedary_ray.stages.seeds import SeedsStage
 from dromedary_ray.stages.self_align import SelfAlignStage
 from dromedary_ray.stages.verbose_clone import VerboseCloneStage
 
-STAGES: dict[str, Stage] = {s.name: s for s in (SeedsStage(), SelfAlignStage(), VerboseCloneStage())}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        SeedsStage(),
+        SelfAlignStage(),
+        VerboseCloneStage(),
+    )
+}

@@ -30,7 +30,8 @@ class VerboseTask:
 
     def __init__(self, tokenizer: Any, cfg: VerboseCloneConfig, system_prompt: str,
                  stage: str = "verbose_clone"):
-        self.tokenizer, self.cfg, self.system_prompt, self.stage = tokenizer, cfg, system_prompt, stage
+        self.tokenizer, self.cfg, self.stage = tokenizer, cfg, stage
+        self.system_prompt = system_prompt
         stops = cfg.sampling.stop + tuple(s for s in chat_stop_strings(tokenizer)
                                           if s not in cfg.sampling.stop)
         self.sampling = dataclasses.replace(cfg.sampling, stop=stops)
