@@ -4,6 +4,8 @@
     dromedary config CONFIG [key=value ...]                print the resolved config
     dromedary prepare-model SPEC                           build/cache a model, print its folder
     dromedary check-principles FILE                        validate a principle or seed file
+    dromedary serve MODEL [--host H] [--port P]            OpenAI-style API on Ray Serve
+    dromedary chat MODEL|URL                               talk to a model in the terminal
 """
 
 from __future__ import annotations
@@ -29,6 +31,23 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("spec")
     check = sub.add_parser("check-principles", help="validate a principle YAML or seed JSONL")
     check.add_argument("file")
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    srv.add_argument("model", help="model spec: builtin:..., a folder, run:STAGE with --run-dir")
+    srv.add_argument("--run-dir", help="run directory for run:STAGE specs")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key-env", help="env var holding the API key (required off loopback)")
+    srv.add_argument("--replicas", type=int, default=1)
+    srv.add_argument("--max-model-len", type=int, default=2048)
+    srv.add_argument("--cpus-per-replica", type=float, default=2.0)
+    srv.add_argument("--gpus-per-replica", type=float, default=0.0)
+    srv.add_argument("--address", help="Ray cluster to join (default: start one locally)")
+    chat = sub.add_parser("chat", help="chat in the terminal with a served model or an engine")
+    chat.add_argument("target", help="http(s)://host:port of a server, or a model spec")
+    chat.add_argument("--run-dir", help="run directory for run:STAGE specs")
+    chat.add_argument("--model", help="served model name (default: the server's first)")
+    chat.add_argument("--api-key-env", help="env var holding the server's API key")
+    chat.add_argument("--max-tokens", type=int, default=256)
     return p
 
 
@@ -69,6 +88,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(resolve_model(args.spec))
         return 0
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "chat":
+        return _chat(args)
     from dromedary_ray.principles import load_principles, load_seed_tasks
 
     if args.file.endswith((".jsonl", ".json")):
@@ -76,6 +99,61 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         ps = load_principles(args.file)
         print(f"ok: {len(ps.rules)} rules, {len(ps.exemplars)} exemplars")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+
+    from dromedary_ray.config import RayConfig
+    from dromedary_ray.errors import ConfigError
+    from dromedary_ray.models import resolve_model
+
+    loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        raise ConfigError(f"--api-key-env: environment variable {args.api_key_env} is not set")
+    if not loopback and not api_key:
+        raise ConfigError(f"--host {args.host}: serving beyond loopback needs an API key "
+                          "(--api-key-env NAME)")
+    from ray import serve
+
+    from dromedary_ray.runtime.cluster import connect
+    from dromedary_ray.serve.app import build_app
+
+    connect(RayConfig(address=args.address))
+    serve.start(http_options={"host": args.host, "port": args.port})
+    engine = {"max_model_len": args.max_model_len, "cpus_per_engine": args.cpus_per_replica,
+              "gpus_per_engine": args.gpus_per_replica, "kv_cache_gib": 2}
+    app = build_app({"model": resolve_model(args.model, args.run_dir),
+                     "served_model_name": args.model, "engine": engine,
+                     "api_key_env": args.api_key_env, "num_replicas": args.replicas})
+    serve.run(app, name="dromedary", route_prefix="/", blocking=False)
+    print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import os
+
+    from dromedary_ray.serve.chat import chat_loop, engine_replier, http_replier
+
+    if args.target.startswith(("http://", "https://")):
+        key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        reply = http_replier(args.target, args.model, key, args.max_tokens)
+    else:
+        from dromedary_ray.models import resolve_model
+
+        reply = engine_replier(resolve_model(args.target, args.run_dir), args.max_tokens)
+    chat_loop(reply)
     return 0
 
 

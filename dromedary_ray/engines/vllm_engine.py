@@ -44,15 +44,21 @@ def claim_cpu_cores(count: int) -> str:
     return "nobind"  # oversubscribed: let the OS schedule
 
 
+def prepare_vllm_env(cfg: EngineConfig) -> bool:
+    """Set vLLM-CPU's KV-cache size and core binding before an engine starts; True on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = claim_cpu_cores(int(cfg.cpus_per_engine))
+    return True
+
+
 class VLLMEngine:
     def __init__(self, model_path: str, cfg: EngineConfig, seed: int = 0):
-        import torch
-
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
-            if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = claim_cpu_cores(int(cfg.cpus_per_engine))
+        on_cpu = prepare_vllm_env(cfg)
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
