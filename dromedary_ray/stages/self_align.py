@@ -51,7 +51,8 @@ class SelfAlignTask:
         extra_stops = tuple(s for s in chat_stop_strings(tokenizer) if s not in cfg.sampling.stop)
         self.sampling = dataclasses.replace(cfg.sampling, stop=cfg.sampling.stop + extra_stops)
         self.thought_sampling = dataclasses.replace(
-            cfg.sampling, max_new_tokens=cfg.max_thought_tokens, stop=("\n", THOUGHTS_CLOSE)
+            cfg.sampling, max_new_tokens=cfg.max_thought_tokens,
+            stop=("\n", THOUGHTS_CLOSE) + cfg.sampling.stop,  # the user's stops end any phase
         )
         exemplar_texts = [t for e in principles.exemplars for t in (e.query, e.thoughts, e.answer)]
         self.leak = LeakDetector(exemplar_texts, cfg.exemplar_leak_ngram)
