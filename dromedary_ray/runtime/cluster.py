@@ -29,6 +29,7 @@ def connect(cfg: RayConfig) -> None:
         return
     log.info("starting a local Ray cluster on 127.0.0.1")
     ray.init(
+        address="local",  # a new cluster even where `ray start` left one for ray.init to find
         num_cpus=cfg.num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
