@@ -6,11 +6,13 @@
     dromedary check-principles FILE                        validate a principle or seed file
     dromedary serve MODEL [--host H] [--port P]            OpenAI-style API on Ray Serve
     dromedary chat MODEL|URL                               talk to a model in the terminal
+    dromedary eval MODEL --suite NAME [--data PATH]        hhh, truthfulqa, pairwise, ifeval
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -48,7 +50,25 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", help="served model name (default: the server's first)")
     chat.add_argument("--api-key-env", help="env var holding the server's API key")
     chat.add_argument("--max-tokens", type=int, default=256)
+    _eval_parser(sub)
     return p
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="run an evaluation suite on a model")
+    ev.add_argument("model", help="model spec: builtin:..., a folder, run:STAGE with --run-dir")
+    ev.add_argument("--suite", required=True, choices=["hhh", "truthfulqa", "pairwise", "ifeval"])
+    ev.add_argument("--data", help="the suite's data file or folder")
+    ev.add_argument("--other", help="pairwise: the model to compare against")
+    ev.add_argument("--judge", help="pairwise: judge model spec or http(s):// server URL")
+    ev.add_argument("--judge-api-key-env", help="env var holding the judge server's API key")
+    ev.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
+    ev.add_argument("--run-dir", help="run directory: run:STAGE specs, results to DIR/eval/")
+    ev.add_argument("--out", help="write the result JSON to this file")
+    ev.add_argument("--json", action="store_true", help="print the result JSON on stdout")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--max-model-len", type=int, default=2048)
+    ev.add_argument("--limit", type=int, help="first N items only (per subset for hhh)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +112,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "chat":
         return _chat(args)
+    if args.command == "eval":
+        return _eval(args)
     from dromedary_ray.principles import load_principles, load_seed_tasks
 
     if args.file.endswith((".jsonl", ".json")):
@@ -154,6 +176,29 @@ def _chat(args: argparse.Namespace) -> int:
 
         reply = engine_replier(resolve_model(args.target, args.run_dir), args.max_tokens)
     chat_loop(reply)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dromedary_ray.eval import EvalOptions, claim_stdout, format_table, run_eval, save_result
+
+    opts = EvalOptions(model=args.model, suite=args.suite, data=args.data, other=args.other,
+                       judge=args.judge, judge_api_key_env=args.judge_api_key_env,
+                       backend=args.backend, run_dir=args.run_dir,
+                       max_new_tokens=args.max_new_tokens, max_model_len=args.max_model_len,
+                       limit=args.limit)
+    # With --json, stdout carries the JSON alone; the table and all logs go to stderr.
+    out = claim_stdout() if args.json else sys.stdout
+    table_to = sys.stderr if args.json else sys.stdout
+    result = run_eval(opts)
+    written = save_result(result, opts, args.out)
+    print(f"{opts.suite} on {opts.model}\n{format_table(result['metrics'])}", file=table_to)
+    for path in written:
+        print(f"result: {path}", file=table_to)
+    if args.json:
+        json.dump(result, out, indent=2, allow_nan=False)
+        out.write("\n")
+        out.flush()
     return 0
 
 
