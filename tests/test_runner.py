@@ -78,12 +78,22 @@ def test_finished_stage_is_skipped_and_changed_config_reruns(baseline, tmp_path)
     assert run_pipeline(tiny_config(run_dir))[-1].status == "skipped"
 
 
+def orphaned_engines() -> set[int]:
+    """vLLM processes whose parent died (re-parented to init): leaked CPU eaters."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True)
+    return {int(pid) for pid, ppid, comm in (line.split(None, 2) for line in
+                                             out.stdout.splitlines())
+            if ppid == "1" and comm.startswith("VLLM")}
+
+
 def test_actor_killed_mid_stage_still_yields_every_row_once(baseline, tmp_path, monkeypatch):
+    orphans_before = orphaned_engines()
     marker = tmp_path / "killed"
     monkeypatch.setenv("DROMEDARY_FAULT", f"worker_batch:2:{marker}")
     run_dir = tmp_path / "run"
     reports = run_pipeline(tiny_config(run_dir, "engine.num_engines=2"))
     assert marker.exists(), "the fault hook never fired: the test proved nothing"
+    assert orphaned_engines() <= orphans_before  # the killed worker took its engine with it
     assert reports[-1].kept + reports[-1].rejected == N_PROMPTS
     assert_every_row_once(run_dir)
     # Per-row seeds: the retried batch sampled exactly what the uninterrupted run did.

@@ -59,6 +59,8 @@ def prepare_vllm_env(cfg: EngineConfig) -> bool:
 class VLLMEngine:
     def __init__(self, model_path: str, cfg: EngineConfig, seed: int = 0):
         on_cpu = prepare_vllm_env(cfg)
+        if cfg.in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -73,6 +75,8 @@ class VLLMEngine:
         )
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.in_process:
+            kwargs["distributed_executor_backend"] = "uni"
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len

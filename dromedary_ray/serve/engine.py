@@ -6,6 +6,7 @@ are imported inside its methods, so replicas import them from the installed pack
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from dromedary_ray.config import EngineConfig
@@ -28,6 +29,7 @@ def start_engine(model_path: str, cfg: EngineConfig) -> tuple[Any, Any]:
     from dromedary_ray.engines.vllm_engine import prepare_vllm_env
 
     on_cpu = prepare_vllm_env(cfg)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # AsyncLLM serves from a core process
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
