@@ -70,6 +70,9 @@ class EngineConfig:
     # eager wins for runs shorter than several minutes.
     enforce_eager: bool = True
     enable_prefix_caching: bool = True  # every self_align prompt shares a ~2k-token prefix
+    # Run vLLM's engine core inside the worker process (tensor parallel 1 only): a killed
+    # worker then leaves no orphaned engine process behind, and start-up is ~15 s shorter.
+    in_process: bool = True
 
     def __post_init__(self) -> None:
         _check(self.backend in ("vllm", "transformers"), "backend", "must be vllm or transformers")
@@ -81,6 +84,8 @@ class EngineConfig:
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.cpus_per_engine > 0, "cpus_per_engine", "must be > 0")
         _check(self.gpus_per_engine >= 0, "gpus_per_engine", "must be >= 0")
+        _check(not (self.in_process and self.tensor_parallel_size > 1), "in_process",
+               "needs tensor_parallel_size 1 (set in_process: false for tensor parallelism)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class SelfAlignConfig:
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(temperature=0.5, top_p=0.95, max_new_tokens=256)
     )
+    num_exemplars: int | None = None  # None: all; fewer fit 2k-context models (LLaMA-65B)
     thoughts_lead: str = "The user"  # pre-filled start of the thoughts, as in every exemplar
     max_thought_tokens: int = 96
     min_answer_words: int = 3
@@ -119,6 +125,8 @@ class SelfAlignConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_thought_tokens >= 1, "max_thought_tokens", "must be >= 1")
+        _check(self.num_exemplars is None or self.num_exemplars >= 1, "num_exemplars",
+               "must be >= 1")
         _check(self.min_answer_words >= 1, "min_answer_words", "must be >= 1")
         _check(0 < self.max_repeated_ngram_fraction <= 1, "max_repeated_ngram_fraction",
                "must be in (0, 1]")
@@ -133,6 +141,7 @@ class SelfInstructConfig:
     num_seed_examples: int = 6  # few-shot examples drawn from the seed pool per prompt
     num_synthetic_examples: int = 2  # ... and from instructions made in earlier rounds
     requests_per_round: int = 32
+    instructions_per_request: int = 8  # new list items asked for (and parsed) per request
     max_rounds: int = 20
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.98, max_new_tokens=256)
@@ -141,7 +150,9 @@ class SelfInstructConfig:
     def __post_init__(self) -> None:
         _check(self.target_count >= 0, "target_count", "must be >= 0")
         _check(self.num_seed_examples >= 1, "num_seed_examples", "must be >= 1")
+        _check(self.num_synthetic_examples >= 0, "num_synthetic_examples", "must be >= 0")
         _check(self.requests_per_round >= 1, "requests_per_round", "must be >= 1")
+        _check(self.instructions_per_request >= 1, "instructions_per_request", "must be >= 1")
         _check(self.max_rounds >= 1, "max_rounds", "must be >= 1")
 
 
@@ -150,7 +161,10 @@ class RedTeamConfig:
     """Topic-guided red-teaming (Self-Align §3.1): topics per question type, then questions."""
 
     types_file: str = "principles/red_team_types.yaml"
-    topics_per_type: int = 4
+    topics_per_type: int = 4  # new topics kept per type (the seed topic not counted)
+    topics_per_request: int = 8  # topics asked for per brainstorm request
+    max_listed_topics: int = 20  # known topics shown in a brainstorm prompt (a random sample)
+    max_topic_words: int = 8  # a longer "topic" is a sentence, not a topic
     brainstorm_rounds: int = 2
     questions_per_topic: int = 1
     sampling: SamplingConfig = field(
@@ -159,6 +173,9 @@ class RedTeamConfig:
 
     def __post_init__(self) -> None:
         _check(self.topics_per_type >= 0, "topics_per_type", "must be >= 0")
+        _check(self.topics_per_request >= 1, "topics_per_request", "must be >= 1")
+        _check(self.max_listed_topics >= 1, "max_listed_topics", "must be >= 1")
+        _check(self.max_topic_words >= 1, "max_topic_words", "must be >= 1")
         _check(self.brainstorm_rounds >= 1, "brainstorm_rounds", "must be >= 1")
         _check(self.questions_per_topic >= 1, "questions_per_topic", "must be >= 1")
 
@@ -202,6 +219,7 @@ class TrainConfig:
     learning_rate: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables it)
     micro_batch_size: int = 4  # per worker
     gradient_accumulation_steps: int = 1
     max_seq_len: int = 512
@@ -226,6 +244,9 @@ class TrainConfig:
         _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
         _check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
         _check(self.lora_rank >= 1, "lora_rank", "must be >= 1")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -261,6 +282,8 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "seeds_only": ("seeds",),
     "self_align": ("seeds", "self_align"),
     "dromedary": ("synthesize", "self_align", "engrave", "verbose_clone"),
+    "synthesize_only": ("synthesize",),
+    "synthesize_align": ("synthesize", "self_align"),
 }
 
 

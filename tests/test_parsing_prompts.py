@@ -89,6 +89,17 @@ def test_self_align_prompt_has_rules_exemplars_and_query():
     assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * 5 + ["user"]
 
 
+def test_num_exemplars_keeps_the_first_ones():
+    from dromedary_ray.config import SelfAlignConfig
+    from dromedary_ray.stages.self_align import stage_principles
+
+    full = stage_principles(SelfAlignConfig())
+    two = stage_principles(SelfAlignConfig(num_exemplars=2))
+    assert two.exemplars == full.exemplars[:2] and two.rules == full.rules
+    text = self_align_prompt(ChatTok(), two, "q")
+    assert full.exemplars[1].answer in text and full.exemplars[2].answer not in text
+
+
 def test_plain_format_for_models_without_chat_template():
     ps = load_principles("principles/self_align.yaml")
     text = self_align_prompt(PlainTok(), ps, "Why is the sky blue?")

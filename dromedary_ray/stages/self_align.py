@@ -107,6 +107,14 @@ class SelfAlignTask:
         )
 
 
+def stage_principles(cfg: SelfAlignConfig) -> PrincipleSet:
+    """The principle set the prompts use: the file's, with the first `num_exemplars`."""
+    principles = load_principles(cfg.principles_file)
+    if cfg.num_exemplars is None:
+        return principles
+    return dataclasses.replace(principles, exemplars=principles.exemplars[: cfg.num_exemplars])
+
+
 def error_reason(error: str) -> str:
     return REJECT_PROMPT_TOO_LONG if error.startswith("prompt_too_long") else REJECT_ENGINE_ERROR
 
@@ -137,7 +145,7 @@ class SelfAlignStage:
         from dromedary_ray.runtime.generate import TaskSpec, run_generation
 
         cfg = ctx.config
-        principles = load_principles(cfg.self_align.principles_file)
+        principles = stage_principles(cfg.self_align)
         prompts = ctx.only_input().read("data", PromptRow.SCHEMA)
         done = ctx.store.done_ids({"data": SelfAlignRow.SCHEMA, "rejects": RejectRow.SCHEMA})
         todo = prompts.filter(pa.array([i not in done for i in prompts["id"].to_pylist()],
