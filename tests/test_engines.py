@@ -104,6 +104,20 @@ def test_stop_strings_and_penalties(vllm_engine, hf_engine):
         assert len(set(ids)) == len(ids)
 
 
+def test_long_seeded_prompts_in_one_call(tiny_model):
+    """vLLM-CPU crashed ("CPU Generator does not use offset") when a seeded request's prefill
+    was split across steps; over 4,096 prompt tokens in one call did that."""
+    from dromedary_ray.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(tiny_model, EngineConfig(max_model_len=4096, kv_cache_gib=1,
+                                                 cpus_per_engine=1))
+    prompts = [" ".join(f"word{(i * 7 + j) % 97}" for j in range(900)) for i in range(3)]
+    gens = engine.generate(prompts, SamplingConfig(max_new_tokens=4), seeds=[1, 2, 3])
+    engine.close()
+    assert sum(g.prompt_tokens for g in gens) > 4096
+    assert [len(g.completions[0].token_ids) for g in gens] == [4, 4, 4]
+
+
 def test_hf_engine_samples_n_and_reports_logprobs(hf_engine):
     sp = SamplingConfig(temperature=1.0, max_new_tokens=5, n=3)
     gens = hf_engine.generate(PROMPTS[:2], sp, seeds=[1, 2])

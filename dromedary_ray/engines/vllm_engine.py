@@ -75,6 +75,12 @@ class VLLMEngine:
         )
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # A seeded request whose prefill is split across steps makes vLLM-CPU rewind the
+            # request's torch.Generator, which CPU generators cannot do ("CPU Generator does
+            # not use offset"). Whole prefills avoid it.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 4096)
         if cfg.in_process:
             kwargs["distributed_executor_backend"] = "uni"
         self.llm = LLM(**kwargs)
