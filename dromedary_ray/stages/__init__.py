@@ -5,12 +5,14 @@ from __future__ import annotations
 from dromedary_ray.stages.base import Stage
 from dromedary_ray.stages.seeds import SeedsStage
 from dromedary_ray.stages.self_align import SelfAlignStage
+from dromedary_ray.stages.synthesize import SynthesizeStage
 from dromedary_ray.stages.verbose_clone import VerboseCloneStage
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         SeedsStage(),
+        SynthesizeStage(),
         SelfAlignStage(),
         VerboseCloneStage(),
     )
