@@ -165,6 +165,7 @@ class RedTeamConfig:
     topics_per_request: int = 8  # topics asked for per brainstorm request
     max_listed_topics: int = 20  # known topics shown in a brainstorm prompt (a random sample)
     max_topic_words: int = 8  # a longer "topic" is a sentence, not a topic
+    require_question: bool = True  # drop red-team "questions" that do not end with "?"
     brainstorm_rounds: int = 2
     questions_per_topic: int = 1
     sampling: SamplingConfig = field(
