@@ -14,17 +14,26 @@ from dromedary_ray.errors import ConfigError
 CONFIGS = PROJECT_ROOT / "configs"
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "dromedary-65b.yaml"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize(
+    "name, stages",
+    [("local.yaml", ("seeds", "self_align")),
+     ("dromedary-65b.yaml", ("synthesize", "self_align", "engrave", "verbose_clone"))],
+)
+def test_shipped_configs_load(name, stages):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, RunConfig)
-    assert cfg.stages == ("seeds", "self_align")
+    assert cfg.stages == stages
 
 
 def test_paper_scale_config_has_paper_decoding():
     cfg = load_config(CONFIGS / "dromedary-65b.yaml")
     assert cfg.engine.tensor_parallel_size == 4 and cfg.engine.gpus_per_engine == 4
     assert (cfg.self_align.sampling.temperature, cfg.self_align.sampling.top_p) == (0.5, 0.95)
+    assert cfg.engine.max_model_len == 2048 and cfg.self_align.num_exemplars == 2
+    for train in (cfg.engrave.train, cfg.verbose_clone.train):  # the released scripts' LoRA
+        assert (train.method, train.lora_rank, train.learning_rate) == ("lora", 16, 4e-4)
+        assert train.num_workers * train.micro_batch_size * train.gradient_accumulation_steps \
+            == 768
 
 
 def test_dotted_overrides_are_typed():
