@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dromedary_ray.stages.base import Stage
+from dromedary_ray.stages.engrave import EngraveStage
 from dromedary_ray.stages.seeds import SeedsStage
 from dromedary_ray.stages.self_align import SelfAlignStage
 from dromedary_ray.stages.synthesize import SynthesizeStage
@@ -14,6 +15,7 @@ STAGES: dict[str, Stage] = {
         SeedsStage(),
         SynthesizeStage(),
         SelfAlignStage(),
+        EngraveStage(),
         VerboseCloneStage(),
     )
 }
