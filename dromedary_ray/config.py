@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import yaml
 from dromedary_ray.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _check(cond: bool, key: str, why: str) -> None:
@@ -399,6 +401,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return tuple(_coerce(typing.get_args(tp)[0], v, key) for v in value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it means a number
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and
                                                not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")

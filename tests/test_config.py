@@ -77,6 +77,13 @@ def test_invalid_values_name_the_key(override, message):
         load_config(CONFIGS / "local.yaml", [override])
 
 
+def test_exponent_floats_without_a_dot_are_numbers():
+    cfg = load_config(CONFIGS / "local.yaml", ["engrave.train.learning_rate=1e-3"])
+    assert cfg.engrave.train.learning_rate == 0.001
+    with pytest.raises(ConfigError, match="engrave.train.learning_rate: expected float"):
+        load_config(CONFIGS / "local.yaml", ["engrave.train.learning_rate=fast"])
+
+
 def test_config_file_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

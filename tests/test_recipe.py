@@ -1,0 +1,81 @@
+"""The whole `dromedary` recipe end to end on the tiny model, through the CLI: synthesize,
+self_align, engrave, verbose_clone; then a rerun that skips every stage.
+
+The random model writes word salad that never ends a list item or an answer by itself, so every
+phase stops it at a capital letter (a real stop-string setting) and the length filters are
+relaxed: what is asserted is the plumbing (tables, models, manifests, skips), not quality.
+"""
+
+import json
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dromedary_ray.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+STOP = "[" + ",".join(string.ascii_uppercase) + "]"
+TRAIN = ["num_workers=2", "max_steps=4", "micro_batch_size=2", "max_seq_len=64",
+         "checkpoint_every_steps=2", "learning_rate=0.001", "warmup_ratio=0.0"]
+TINY = [
+    "recipe=dromedary", "model=builtin:tiny-llama", "engine.batch_size=8",
+    "engine.max_model_len=3072", "engine.kv_cache_gib=1", "engine.cpus_per_engine=1",
+    "synthesize.min_words=1",
+    "synthesize.self_instruct.target_count=6",
+    "synthesize.self_instruct.requests_per_round=4",
+    "synthesize.self_instruct.instructions_per_request=2",
+    "synthesize.self_instruct.max_rounds=2",
+    "synthesize.self_instruct.sampling.max_new_tokens=8",
+    f"synthesize.self_instruct.sampling.stop={STOP}",
+    "synthesize.red_team.topics_per_type=1", "synthesize.red_team.topics_per_request=2",
+    "synthesize.red_team.brainstorm_rounds=1", "synthesize.red_team.require_question=false",
+    "synthesize.red_team.sampling.max_new_tokens=8", f"synthesize.red_team.sampling.stop={STOP}",
+    "self_align.min_answer_words=1", "self_align.max_thought_tokens=24",
+    "self_align.sampling.max_new_tokens=24", f"self_align.sampling.stop={STOP}",
+    "verbose_clone.min_answer_words=1", "verbose_clone.sampling.max_new_tokens=24",
+    f"verbose_clone.sampling.stop={STOP}",
+    *[f"engrave.train.{t}" for t in TRAIN], *[f"verbose_clone.train.{t}" for t in TRAIN],
+]
+
+
+def dromedary(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dromedary_ray.cli", *args],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=1500)
+
+
+def manifest(run: Path, stage: str) -> dict:
+    return json.loads((run / stage / "manifest.json").read_text())
+
+
+def test_dromedary_recipe_end_to_end_then_skips(tmp_path: Path):
+    run = tmp_path / "run"
+    first = dromedary("run", str(PROJECT_ROOT / "configs/local.yaml"), "--run-dir", str(run),
+                      *TINY)
+    assert first.returncode == 0, first.stderr[-4000:]
+    stages = ["synthesize", "self_align", "engrave", "verbose_clone"]
+    for stage in stages:
+        assert manifest(run, stage)["status"] == "done", stage
+        assert f"{stage:<12} ran" in first.stdout
+    # self_align answered the synthetic prompts, not the seeds.
+    synth = manifest(run, "synthesize")["rows"]["data"]
+    align = manifest(run, "self_align")["rows"]
+    assert synth > 0 and align["data"] + align["rejects"] == synth
+    assert align["data"] > 0
+    for stage in ("engrave", "verbose_clone"):
+        model = run / stage / "model"
+        assert (model / "config.json").exists() and list(model.glob("*.safetensors")), stage
+    train = manifest(run, "verbose_clone")["metrics"]["train"]
+    assert train["steps"] == 4
+    # The verbose stage generated with the engraved model, then trained from the base.
+    assert manifest(run, "verbose_clone")["input_fingerprints"]["engrave"] == \
+        manifest(run, "engrave")["fingerprint"]
+    again = dromedary("run", str(PROJECT_ROOT / "configs/local.yaml"), "--run-dir", str(run),
+                      *TINY)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for stage in stages:
+        assert f"{stage:<12} skipped" in again.stdout
