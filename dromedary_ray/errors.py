@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class DromedaryError(Exception):
     """Base class: an error with a message meant for the user, shown without a traceback."""
@@ -30,3 +32,13 @@ class ModelSpecError(DromedaryError):
 
 class StageError(DromedaryError):
     """A stage cannot run (missing input, inconsistent store)."""
+
+
+def read_input_text(path: str | Path) -> str:
+    """A user file's text, or an InputFileError saying it is missing or not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(str(path), "file not found") from None
+    except UnicodeDecodeError as err:
+        raise InputFileError(str(path), f"not UTF-8 text ({err.reason})") from None

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from dromedary_ray.config import resolve_path
-from dromedary_ray.errors import InputFileError
+from dromedary_ray.errors import InputFileError, read_input_text
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,11 @@ class SeedTask:
         return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
+    """Parse a user's YAML file; errors name the file and line."""
+    text = read_input_text(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(str(path), "file not found") from None
-    except UnicodeDecodeError as err:
-        raise InputFileError(str(path), f"not UTF-8 text ({err.reason})") from None
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -85,7 +83,7 @@ def _field(path: Path, node: Any, key: str, where: str, kind: type = str) -> Any
 def load_principles(path: str | Path) -> PrincipleSet:
     """Load a Self-Align principle file: preamble, numbered rules, exemplars with thoughts."""
     p = resolve_path(str(path))
-    doc = _read_yaml(p)
+    doc = read_yaml(p)
     name = _field(p, doc, "name", "")
     rules_raw = _field(p, doc, "rules", "", list)
     exemplars_raw = _field(p, doc, "exemplars", "", list)
@@ -116,7 +114,7 @@ def load_principles(path: str | Path) -> PrincipleSet:
 def load_system_prompt(path: str | Path) -> str:
     """Load a YAML file holding one `system_prompt` (the verbose-cloning prompt, say)."""
     p = resolve_path(str(path))
-    return _field(p, _read_yaml(p), "system_prompt", "")
+    return _field(p, read_yaml(p), "system_prompt", "")
 
 
 def load_seed_tasks(path: str | Path) -> list[SeedTask]:
@@ -126,12 +124,7 @@ def load_seed_tasks(path: str | Path) -> list[SeedTask]:
     `id` may be absent (users' own files): the line number stands in. Blank lines are skipped.
     """
     p = resolve_path(str(path))
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputFileError(str(p), "file not found") from None
-    except UnicodeDecodeError as err:
-        raise InputFileError(str(p), f"not UTF-8 text ({err.reason})") from None
+    lines = read_input_text(p).splitlines()
     tasks, seen = [], set()
     for n, line in enumerate(lines, start=1):
         if not line.strip():

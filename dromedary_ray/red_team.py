@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dromedary_ray.config import resolve_path
 from dromedary_ray.errors import InputFileError
-from dromedary_ray.principles import _field, _read_yaml
+from dromedary_ray.principles import _field, read_yaml
 
 _TYPE_NAME = re.compile(r"[a-z0-9_]+")
 
@@ -44,7 +44,7 @@ class QuestionType:
 def load_red_team_types(path: str | Path) -> tuple[QuestionType, ...]:
     """Load and validate a red-team types file; raise `InputFileError` naming file and key."""
     p = resolve_path(str(path))
-    doc = _read_yaml(p)
+    doc = read_yaml(p)
     _field(p, doc, "name", "")
     raw = _field(p, doc, "types", "", list)
     if not raw:

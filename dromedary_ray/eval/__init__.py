@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from dromedary_ray.errors import ConfigError, InputFileError
+from dromedary_ray.errors import ConfigError, InputFileError, read_input_text
 
 SUITES = ("hhh", "truthfulqa", "pairwise", "ifeval")
 DEFAULT_DATA = {"ifeval": "principles/ifeval_prompts.jsonl",
@@ -69,12 +69,9 @@ class EvalOptions:
 
 
 def read_json(path: Path) -> Any:
+    text = read_input_text(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(str(path), "file not found") from None
-    except UnicodeDecodeError as err:
-        raise InputFileError(str(path), f"not UTF-8 text ({err.reason})") from None
+        return json.loads(text)
     except json.JSONDecodeError as err:
         what = f"not valid JSON ({err.msg} at column {err.colno})"
         raise InputFileError(str(path), what, err.lineno) from None
@@ -82,12 +79,7 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(line number, parsed object) for each non-blank line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputFileError(str(path), "file not found") from None
-    except UnicodeDecodeError as err:
-        raise InputFileError(str(path), f"not UTF-8 text ({err.reason})") from None
+    lines = read_input_text(path).splitlines()
     rows = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():

@@ -21,6 +21,14 @@ def prompt_source(config: RunConfig) -> str:
     raise ValueError(f"recipe {config.recipe!r} has no prompt stage ({', '.join(PROMPT_STAGES)})")
 
 
+def generation_fingerprint(config: RunConfig) -> dict[str, Any]:
+    """What, besides a stage's own section, changes the text a generation stage samples."""
+    engine = config.engine
+    return {"model": config.model,
+            "engine": {"backend": engine.backend, "dtype": engine.dtype,
+                       "max_model_len": engine.max_model_len}}
+
+
 @dataclass
 class StageContext:
     """What the driver hands a stage: the config, its own folder and its inputs' folders."""

@@ -27,7 +27,7 @@ from dromedary_ray.engines.base import Engine, Generation
 from dromedary_ray.principles import PrincipleSet, load_principles
 from dromedary_ray.prompts import THOUGHTS_CLOSE, chat_stop_strings, self_align_prompt
 from dromedary_ray.runtime.generate import BatchResult
-from dromedary_ray.stages.base import StageContext, prompt_source
+from dromedary_ray.stages.base import StageContext, generation_fingerprint, prompt_source
 
 
 def row_seed(base: int, row_id: str) -> int:
@@ -128,13 +128,10 @@ class SelfAlignStage:
         return (prompt_source(config),)
 
     def fingerprint_payload(self, config: RunConfig) -> dict[str, Any]:
-        engine = config.engine
         return {
             "self_align": config.section("self_align"),
             "principles": file_digest(resolve_path(config.self_align.principles_file)),
-            "model": config.model,
-            "engine": {"backend": engine.backend, "dtype": engine.dtype,
-                       "max_model_len": engine.max_model_len},
+            **generation_fingerprint(config),
         }
 
     def check(self, config: RunConfig) -> None:

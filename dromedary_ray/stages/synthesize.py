@@ -62,7 +62,7 @@ from dromedary_ray.principles import load_seed_tasks
 from dromedary_ray.prompts import chat_stop_strings, render_chat
 from dromedary_ray.red_team import QuestionType, load_red_team_types
 from dromedary_ray.runtime.generate import BatchResult, TaskSpec
-from dromedary_ray.stages.base import StageContext
+from dromedary_ray.stages.base import StageContext, generation_fingerprint
 from dromedary_ray.stages.self_align import generation_metrics, row_seed
 
 log = logging.getLogger(__name__)
@@ -342,14 +342,12 @@ class SynthesizeStage:
         return ()
 
     def fingerprint_payload(self, config: RunConfig) -> dict[str, Any]:
-        cfg, engine = config.synthesize, config.engine
+        cfg = config.synthesize
         return {
             "synthesize": config.section("synthesize"),
             "seed_file": file_digest(resolve_path(cfg.seed_file)),
             "types_file": file_digest(resolve_path(cfg.red_team.types_file)),
-            "model": config.model,
-            "engine": {"backend": engine.backend, "dtype": engine.dtype,
-                       "max_model_len": engine.max_model_len},
+            **generation_fingerprint(config),
         }
 
     def check(self, config: RunConfig) -> None:

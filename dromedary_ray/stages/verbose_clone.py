@@ -21,7 +21,7 @@ from dromedary_ray.engines.base import Engine
 from dromedary_ray.principles import load_system_prompt
 from dromedary_ray.prompts import chat_stop_strings, render_chat
 from dromedary_ray.runtime.generate import BatchResult
-from dromedary_ray.stages.base import StageContext, prompt_source
+from dromedary_ray.stages.base import StageContext, generation_fingerprint, prompt_source
 from dromedary_ray.stages.self_align import error_reason, generation_metrics, row_seed
 
 
@@ -76,13 +76,10 @@ class VerboseCloneStage:
         load_system_prompt(config.verbose_clone.system_prompt_file)
 
     def fingerprint_payload(self, config: RunConfig) -> dict[str, Any]:
-        engine = config.engine
         return {
             "verbose_clone": config.section("verbose_clone"),
             "system_prompt": file_digest(resolve_path(config.verbose_clone.system_prompt_file)),
-            "model": config.model,
-            "engine": {"backend": engine.backend, "dtype": engine.dtype,
-                       "max_model_len": engine.max_model_len},
+            **generation_fingerprint(config),
         }
 
     def run(self, ctx: StageContext) -> None:
