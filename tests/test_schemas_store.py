@@ -58,6 +58,14 @@ def test_store_shards_commit_and_read_back(tmp_path: Path, uri_style: bool):
         "a", "b", "c", "d"}
 
 
+def test_pending_leaves_out_committed_ids(tmp_path: Path):
+    store = StageStore(str(tmp_path), "s")
+    store.write_shard(_prompts(["a"]), _rejects(["b"]), "part-1")
+    todo, done = store.pending(_prompts(["a", "b", "c", "d"]),
+                               {"data": PromptRow.SCHEMA, "rejects": RejectRow.SCHEMA})
+    assert todo["id"].to_pylist() == ["c", "d"] and done == 2
+
+
 def test_half_written_shard_is_not_committed(tmp_path: Path):
     store = StageStore(str(tmp_path), "s")
     # A crash after the rejects file and before the data file: rows must count as not done.

@@ -143,6 +143,12 @@ class StageStore:
             done.update(self.read(table_name, schema, columns=["id"])["id"].to_pylist())
         return done
 
+    def pending(self, rows: pa.Table, schemas: dict[str, pa.Schema]) -> tuple[pa.Table, int]:
+        """The rows of `rows` whose ids this stage has not committed yet, and how many it has."""
+        done = self.done_ids(schemas)
+        keep = pa.array([i not in done for i in rows["id"].to_pylist()], type=pa.bool_())
+        return rows.filter(keep), len(done)
+
     def write_table(self, table: pa.Table, rejects: pa.Table) -> None:
         """A stage whose output is made in one go (no batches) writes it as a single shard."""
         self.write_shard(table, rejects, "part-all")

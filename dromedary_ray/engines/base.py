@@ -15,6 +15,10 @@ class Completion:
     logprobs: list[float]  # log-prob of each generated token under the sampling model
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
 
 @dataclass(frozen=True)
 class Generation:

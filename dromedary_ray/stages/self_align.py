@@ -99,11 +99,10 @@ class SelfAlignTask:
         if parsed.reject_reason:
             detail = f"{thoughts}\n{THOUGHTS_CLOSE}\n{comp.text}"
             return RejectRow(prompt.id, self.stage, parsed.reject_reason, detail)
-        mean_lp = sum(comp.logprobs) / len(comp.logprobs) if comp.logprobs else 0.0
         return SelfAlignRow(
             id=prompt.id, query=prompt.query, thoughts=parsed.thoughts, answer=parsed.answer,
             prompt_tokens=prompt_tokens, completion_tokens=len(comp.token_ids),
-            mean_logprob=mean_lp, finish_reason=comp.finish_reason,
+            mean_logprob=comp.mean_logprob, finish_reason=comp.finish_reason,
         )
 
 
@@ -144,10 +143,9 @@ class SelfAlignStage:
         cfg = ctx.config
         principles = stage_principles(cfg.self_align)
         prompts = ctx.only_input().read("data", PromptRow.SCHEMA)
-        done = ctx.store.done_ids({"data": SelfAlignRow.SCHEMA, "rejects": RejectRow.SCHEMA})
-        todo = prompts.filter(pa.array([i not in done for i in prompts["id"].to_pylist()],
-                                       type=pa.bool_()))
-        ctx.metrics["resumed_rows"] = len(done)
+        todo, resumed = ctx.store.pending(
+            prompts, {"data": SelfAlignRow.SCHEMA, "rejects": RejectRow.SCHEMA})
+        ctx.metrics["resumed_rows"] = resumed
         summaries = run_generation(
             todo,
             store=ctx.store,

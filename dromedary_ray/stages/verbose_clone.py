@@ -56,9 +56,8 @@ class VerboseTask:
             if verdict.reject_reason:
                 rejects.append(RejectRow(prompt.id, self.stage, verdict.reject_reason, comp.text))
                 continue
-            mean_lp = sum(comp.logprobs) / len(comp.logprobs) if comp.logprobs else 0.0
             kept.append(AnswerRow(prompt.id, prompt.query, verdict.answer, gen.prompt_tokens,
-                                  len(comp.token_ids), mean_lp, comp.finish_reason))
+                                  len(comp.token_ids), comp.mean_logprob, comp.finish_reason))
         tokens = sum(len(c.token_ids) for g in gens for c in g.completions)
         return BatchResult(AnswerRow.to_table(kept), RejectRow.to_table(rejects),
                            sum(g.prompt_tokens for g in gens), tokens)
@@ -90,16 +89,15 @@ class VerboseCloneStage:
         cfg = ctx.config
         engraved = resolve_model("run:engrave", cfg.run_dir)
         prompts = ctx.inputs[prompt_source(cfg)].read("data", PromptRow.SCHEMA)
-        done = ctx.store.done_ids({"data": AnswerRow.SCHEMA, "rejects": RejectRow.SCHEMA})
-        todo = prompts.filter(pa.array([i not in done for i in prompts["id"].to_pylist()],
-                                       type=pa.bool_()))
+        todo, resumed = ctx.store.pending(
+            prompts, {"data": AnswerRow.SCHEMA, "rejects": RejectRow.SCHEMA})
         system_prompt = load_system_prompt(cfg.verbose_clone.system_prompt_file)
         summaries = run_generation(
             todo, store=ctx.store, model_path=engraved, engine_cfg=cfg.engine,
             task=TaskSpec(VerboseTask, {"cfg": cfg.verbose_clone, "system_prompt": system_prompt}),
             seed=cfg.verbose_clone.sampling.seed, desc="verbose_clone",
         )
-        ctx.metrics.update(generation_metrics(summaries), resumed_rows=len(done))
+        ctx.metrics.update(generation_metrics(summaries), resumed_rows=resumed)
         answers = AnswerRow.from_table(ctx.store.read("data", AnswerRow.SCHEMA))
         if not answers:
             raise_no_data(self.name)
