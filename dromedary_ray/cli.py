@@ -7,6 +7,8 @@
     dromedary serve MODEL [--host H] [--port P]            OpenAI-style API on Ray Serve
     dromedary chat MODEL|URL                               talk to a model in the terminal
     dromedary eval MODEL --suite NAME [--data PATH]        hhh, truthfulqa, pairwise, ifeval
+    dromedary report RUN_DIR [--out DIR]                   the run's HTML and Markdown report
+    dromedary plan CONFIG [--cluster F] [--gpu T] [--json] GPUs, memory, hours, cost on paper
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key-env", help="env var holding the server's API key")
     chat.add_argument("--max-tokens", type=int, default=256)
     _eval_parser(sub)
+    _plan_parser(sub)
+    rep = sub.add_parser("report", help="write a run's report (HTML page and Markdown)")
+    rep.add_argument("run_dir", help="the run directory")
+    rep.add_argument("--out", help="where report.html, report.md and the PNGs go "
+                                   "(default: RUN_DIR/report)")
     return p
 
 
@@ -64,6 +71,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--judge-api-key-env", help="env var holding the judge server's API key")
     ev.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
     ev.add_argument("--run-dir", help="run directory: run:STAGE specs, results to DIR/eval/")
+    ev.add_argument("--name", metavar="LABEL",
+                    help="with --run-dir: the model's row label in the run report; results go "
+                         "to DIR/eval/LABEL/SUITE.json")
     ev.add_argument("--out", help="write the result JSON to this file")
     ev.add_argument("--json", action="store_true", help="print the result JSON on stdout")
     ev.add_argument("--max-new-tokens", type=int, default=256)
@@ -71,11 +81,23 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=int, help="first N items only (per subset for hhh)")
 
 
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser("plan", help="plan a run on paper: GPUs, memory, nodes, hours, cost")
+    plan.add_argument("config")
+    plan.add_argument("--cluster", help="Ray autoscaler YAML (or KubeRay manifest) whose pools "
+                                        "to plan on")
+    plan.add_argument("--gpu", help="GPU type (dromedary_ray/plan/gpus.yaml); with --cluster, "
+                                    "replaces the pools' GPUs")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after --run-dir; argparse leaves the later ones unparsed.
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("run", "config") or any(e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("run", "config", "plan")
+                  or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
@@ -114,6 +136,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _chat(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "plan":
+        return _plan(args)
+    if args.command == "report":
+        return _report(args)
     from dromedary_ray.principles import load_principles, load_seed_tasks
 
     if args.file.endswith((".jsonl", ".json")):
@@ -180,8 +206,23 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dromedary_ray.eval import EvalOptions, claim_stdout, format_table, run_eval, save_result
+    import dataclasses
 
+    from dromedary_ray.errors import ConfigError
+    from dromedary_ray.eval import (
+        EvalOptions,
+        claim_stdout,
+        format_table,
+        model_slug,
+        run_eval,
+        save_result,
+    )
+
+    if args.name and not args.run_dir:
+        raise ConfigError("--name labels the result in a run directory: give --run-dir too")
+    if args.name and model_slug(args.name) != args.name:
+        raise ConfigError(f"--name {args.name!r}: a folder name is needed (letters, digits, "
+                          f"'.', '_', '-'), e.g. {model_slug(args.name)!r}")
     opts = EvalOptions(model=args.model, suite=args.suite, data=args.data, other=args.other,
                        judge=args.judge, judge_api_key_env=args.judge_api_key_env,
                        backend=args.backend, run_dir=args.run_dir,
@@ -191,7 +232,10 @@ def _eval(args: argparse.Namespace) -> int:
     out = claim_stdout() if args.json else sys.stdout
     table_to = sys.stderr if args.json else sys.stdout
     result = run_eval(opts)
-    written = save_result(result, opts, args.out)
+    if args.name:  # filed under <run>/eval/<label>/ instead of the model spec's slug
+        result = {**result, "label": args.name}
+    saved_as = dataclasses.replace(opts, model=args.name) if args.name else opts
+    written = save_result(result, saved_as, args.out)
     print(f"{opts.suite} on {opts.model}\n{format_table(result['metrics'])}", file=table_to)
     for path in written:
         print(f"result: {path}", file=table_to)
@@ -200,6 +244,32 @@ def _eval(args: argparse.Namespace) -> int:
         out.write("\n")
         out.flush()
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dromedary_ray.report import write_report
+
+    files = write_report(args.run_dir, args.out)
+    print(f"report: {files.html}\nmarkdown: {files.markdown} "
+          f"({files.stages} stages, {len(files.images)} figures)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Print the plan; exit 1, naming each stage and its shortfall, when a stage does not fit."""
+    from dromedary_ray.config import load_config
+    from dromedary_ray.plan.planner import build_plan
+    from dromedary_ray.plan.report import format_plan, plan_to_dict
+
+    config = load_config(args.config, args.overrides)
+    plan = build_plan(config, cluster=args.cluster, gpu=args.gpu, config_path=args.config)
+    if args.json:
+        print(json.dumps(plan_to_dict(plan), indent=2, allow_nan=False))
+    else:
+        print(format_plan(plan))
+    for problem in plan.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 0 if plan.fits else 1
 
 
 if __name__ == "__main__":
