@@ -281,13 +281,254 @@ class VerboseCloneConfig:
         _check(self.min_answer_words >= 1, "min_answer_words", "must be >= 1")
 
 
+@dataclass(frozen=True)
+class AnswerConfig:
+    """I-SHEEP step (b): the model answers its own prompts as a plain chat turn."""
+
+    system_prompt_file: str | None = None  # None: the tokenizer's default system turn
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=256)
+    )
+    min_answer_words: int = 3
+    max_repeated_ngram_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.min_answer_words >= 1, "min_answer_words", "must be >= 1")
+        _check(0 < self.max_repeated_ngram_fraction <= 1, "max_repeated_ngram_fraction",
+               "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class AssessConfig:
+    """I-SHEEP step (c)-(d): the model grades its own (prompt, answer) pairs under rubrics."""
+
+    rubrics_file: str = "principles/isheep_rubrics.yaml"
+    rubrics: tuple[str, ...] = ("quality", "following")  # names in the file, all applied
+    # generate: the grade is sampled as text and parsed strictly; expected: the expected score
+    # over the digit tokens' probabilities, read from the next-token distribution (no sampling).
+    method: str = "generate"
+    threshold: float = 8.0  # I-SHEEP keeps a pair only where every score exceeds 8
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=8, stop=("\n",))
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("generate", "expected"), "method", "must be generate or expected")
+        _check(len(self.rubrics) >= 1, "rubrics", "name at least one rubric")
+        _check(len(set(self.rubrics)) == len(self.rubrics), "rubrics", "names repeat")
+
+
+@dataclass(frozen=True)
+class IsheepConfig:
+    """I-SHEEP (Liang et al. 2024): iterations of self-made prompts, answers, self-assessment,
+    filtering and fine-tuning. Iteration k runs under `<run>/isheep/iter_<k>/`."""
+
+    iterations: int = 3
+    # base: each iteration fine-tunes the base model on its own data (the paper's default);
+    # previous: it continues from the model the last iteration made.
+    init_from: str = "base"
+    reseed: bool = True  # iteration k samples with seeds offset by k, so prompts differ
+    answer: AnswerConfig = field(default_factory=AnswerConfig)
+    assess: AssessConfig = field(default_factory=AssessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Set by the iteration loop, not by users: the model `init_from: base` trains from.
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.iterations >= 1, "iterations", "must be >= 1")
+        _check(self.init_from in ("base", "previous"), "init_from", "must be base or previous")
+
+
+@dataclass(frozen=True)
+class PreferencesConfig:
+    """SALMON's synthetic preferences (§3.1): two responses per prompt from the SFT model, each
+    pair judged under single principles, in both orders, by next-token choice log-probs."""
+
+    principles_file: str = "principles/salmon.yaml"
+    principles_per_pair: int = 4  # principles drawn (by prompt-type weight) to judge each pair
+    judge: str = "policy"  # policy (the SFT model) | base (config.model) | any model spec
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=256)
+    )
+    min_answer_words: int = 3
+    max_repeated_ngram_fraction: float = 0.5
+    seed: int = 0  # principle draws
+
+    def __post_init__(self) -> None:
+        _check(self.principles_per_pair >= 1, "principles_per_pair", "must be >= 1")
+        _check(self.min_answer_words >= 1, "min_answer_words", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """SALMON's principle-following reward model (§3.2): the preferences stage's judgements
+    aggregated into principle-conditioned pairs (some principles negated), then a scalar-head
+    model trained on them with the pairwise Bradley-Terry loss (runtime/train_rm.py)."""
+
+    principles_file: str = "principles/salmon.yaml"
+    # base (config.model, as SALMON initialises its RM) | policy (the SFT stage's model) | a spec
+    init_from: str = "base"
+    # Aggregation (algos/salmon_prefs.py::aggregate_rm_examples; defaults are SALMON's):
+    # principles per example ~ Geometric(geometric_p) in [min, max], each negated with
+    # negate_prob, labels flipped with flip_prob, draws_per_pair examples per judged pair.
+    min_principles: int = 1
+    max_principles: int = 8
+    geometric_p: float = 0.2
+    negate_prob: float = 0.5
+    flip_prob: float = 0.1
+    draws_per_pair: int = 4
+    normalize_scores: bool = True  # divide each principle's judge scores by their RMS first
+    seed: int = 0  # aggregation draws and the held-out split
+    heldout_fraction: float = 0.1  # of response pairs (by a hash of the pair id), not examples
+    train_eval_examples: int | None = 512  # re-scored after training for train_accuracy (None: all)
+    eval_batch_size: int = 8
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.init_from.strip()), "init_from", "must be base, policy or a model spec")
+        _check(1 <= self.min_principles <= self.max_principles, "min_principles",
+               "must be in [1, max_principles]")
+        for name in ("geometric_p", "negate_prob", "flip_prob"):
+            _check(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+        _check(self.draws_per_pair >= 1, "draws_per_pair", "must be >= 1")
+        _check(0 <= self.heldout_fraction < 1, "heldout_fraction", "must be in [0, 1)")
+        _check(self.train_eval_examples is None or self.train_eval_examples >= 1,
+               "train_eval_examples", "must be >= 1 (or null for all)")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        _check(self.train.method == "full" or self.train.merge_lora, "train.merge_lora",
+               "must be true for the reward model: transformers and vLLM's reward runner load "
+               "plain weights, and the LoRA retrains the score head")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """SALMON's RL stage (§3.3): PPO on the SFT policy against the principle-following reward
+    model. Each prompt is scored under principles drawn by its prompt type plus (by default)
+    every intervention principle. See dromedary_ray/runtime/ppo/loop.py."""
+
+    principles_file: str = "principles/salmon.yaml"
+    principles_per_prompt: int = 3  # SALMON draws 3 principles per prompt at RL time
+    use_interventions: bool = True  # append every intervention principle to each prompt's list
+    steps: int = 100
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 1  # >= 2 for the rloo and group advantages
+    ppo_epochs: int = 2  # passes over each step's rollouts (SALMON's script: 2)
+    mini_batch_size: int = 8  # sequences per optimizer step; divides the step's rollouts
+    learning_rate: float = 1e-6
+    value_learning_rate: float = 5e-6
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    kl_coef: float = 0.01  # SALMON's KL_COEF: per-token KL penalty in the reward
+    kl_estimator: str = "k1"  # k1 | k2 | k3 (algos/rl.py::kl_estimators)
+    gamma: float = 1.0
+    lam: float = 0.95
+    advantage: str = "gae"  # gae (with the value model) | rloo | group (critic-free)
+    whiten_advantages: bool = True  # gae only: normalise over the step's response tokens
+    value_init: str = "reward_model"  # reward_model | policy: where the critic's weights start
+    # SALMON: a bonus of 5.0 per max response length (5.0/512 per token here), capped at 0.8 of
+    # 5.0, and 6.0 off a response cut at the length limit (algos/rl.py::
+    # length_bonus_and_unfinished_penalty). 0 turns each off.
+    length_bonus_per_token: float = 5.0 / 512
+    max_bonus: float | None = 4.0
+    unfinished_penalty: float = 6.0
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=512)
+    )
+    checkpoint_every_steps: int = 10
+    reward_backend: str = "vllm"  # vllm (pooling runner) | transformers
+    seed: int = 0  # prompt order, principle draws, sampling seeds, minibatch order
+
+    def __post_init__(self) -> None:
+        _check(self.principles_per_prompt >= 1, "principles_per_prompt", "must be >= 1")
+        _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+        _check(self.advantage in ("gae", "rloo", "group"), "advantage",
+               "must be gae, rloo or group")
+        _check(self.advantage == "gae" or self.samples_per_prompt >= 2, "samples_per_prompt",
+               f"advantage {self.advantage} compares samples of a prompt: needs >= 2")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
+        rollouts = self.prompts_per_step * self.samples_per_prompt
+        _check(self.mini_batch_size >= 1 and rollouts % self.mini_batch_size == 0,
+               "mini_batch_size", f"must divide the {rollouts} rollouts of a step "
+               "(prompts_per_step x samples_per_prompt)")
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.value_learning_rate > 0, "value_learning_rate", "must be > 0")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _check(self.clip_eps > 0, "clip_eps", "must be > 0")
+        _check(self.value_clip_eps > 0, "value_clip_eps", "must be > 0")
+        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        _check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", "must be k1, k2 or k3")
+        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        _check(self.value_init in ("reward_model", "policy"), "value_init",
+               "must be reward_model or policy")
+        _check(self.length_bonus_per_token >= 0, "length_bonus_per_token", "must be >= 0")
+        _check(self.max_bonus is None or self.max_bonus >= 0, "max_bonus", "must be >= 0")
+        _check(self.unfinished_penalty >= 0, "unfinished_penalty",
+               "is an amount subtracted: must be >= 0")
+        _check(self.sampling.n == 1, "sampling.n",
+               "must be 1; set samples_per_prompt for several samples per prompt")
+        _check(self.sampling.temperature > 0, "sampling.temperature",
+               "must be > 0: PPO needs samples from the policy, not greedy decoding")
+        _check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
+        _check(self.reward_backend in ("vllm", "transformers"), "reward_backend",
+               "must be vllm or transformers")
+
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "seeds_only": ("seeds",),
     "self_align": ("seeds", "self_align"),
     "dromedary": ("synthesize", "self_align", "engrave", "verbose_clone"),
     "synthesize_only": ("synthesize",),
     "synthesize_align": ("synthesize", "self_align"),
+    # I-SHEEP: `isheep` runs `isheep.iterations` iterations, each one `isheep_iteration`.
+    "isheep": ("synthesize", "answer", "assess", "sft"),
+    "isheep_iteration": ("synthesize", "answer", "assess", "sft"),
+    # SALMON on top of Self-Align: the SFT model's own pairs, a principle-following RM, PPO.
+    "salmon": ("synthesize", "self_align", "engrave", "verbose_clone", "preferences",
+               "reward_model", "ppo"),
 }
+ITERATED_RECIPES = ("isheep",)  # recipes the driver runs as iterations of their stages
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Assumptions of `dromedary plan` (memory, nodes, hours and cost on paper); no stage reads
+    them, so they change no fingerprint. The planner states each one in its output."""
+
+    gpu: str = "A100-80GB"  # GPU type when no cluster file is given (dromedary_ray/plan/gpus.yaml)
+    # USD per GPU-hour by GPU type; the key "default" prices any type not listed. Empty: no cost.
+    price_per_gpu_hour: dict[str, float] = field(default_factory=dict)
+    mfu: float = 0.4  # model FLOPs utilisation of prefill and training (of dense bf16 peak)
+    decode_efficiency: float = 0.6  # fraction of peak memory bandwidth a decode step reaches
+    train_headroom: float = 0.1  # fraction of each GPU training leaves free (context, NCCL)
+    keep_fraction: float = 0.5  # rows a generation stage keeps after its filters
+    prompts: int | None = None  # prompts entering the recipe; None: from seeds/synthesize
+    query_tokens: int = 48  # mean tokens of one instruction or question
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # stage -> mean prompt tokens
+    model_shape: str | None = None  # a name in plan/models.yaml or a HF folder; None: `model`
+
+    def __post_init__(self) -> None:
+        _check(0 < self.mfu <= 1, "mfu", "must be in (0, 1]")
+        _check(0 < self.decode_efficiency <= 1, "decode_efficiency", "must be in (0, 1]")
+        _check(0 <= self.train_headroom < 1, "train_headroom", "must be in [0, 1)")
+        _check(0 < self.keep_fraction <= 1, "keep_fraction", "must be in (0, 1]")
+        _check(self.prompts is None or self.prompts >= 1, "prompts", "must be >= 1")
+        _check(self.query_tokens >= 1, "query_tokens", "must be >= 1")
+        _check_mapping(self.price_per_gpu_hour, "price_per_gpu_hour", float, "a price >= 0",
+                       lambda v: v >= 0)
+        _check_mapping(self.prompt_tokens, "prompt_tokens", int, "a token count >= 1",
+                       lambda v: v >= 1)
+
+
+def _check_mapping(value: Any, key: str, kind: type, what: str, ok: Any) -> None:
+    _check(isinstance(value, dict), key, "must be a mapping")
+    for name, v in value.items():
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        _check(number and (kind is float or isinstance(v, int)) and ok(v), f"{key}.{name}",
+               f"must be {what}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -302,6 +543,11 @@ class RunConfig:
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     engrave: EngraveConfig = field(default_factory=EngraveConfig)
     verbose_clone: VerboseCloneConfig = field(default_factory=VerboseCloneConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    isheep: IsheepConfig = field(default_factory=IsheepConfig)
+    preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:
         _check(self.recipe in RECIPES, "recipe", f"unknown recipe; known: {', '.join(RECIPES)}")

@@ -165,3 +165,57 @@ def _parse_seed_line(p: Path, n: int, line: str) -> SeedTask:
         raise InputFileError(str(p), "must be a string", n, "id")
     return SeedTask(str(task_id), instruction.strip(), first.get("input", "").strip(),
                     first.get("output", "").strip(), is_cls)
+
+
+@dataclass(frozen=True)
+class Rubric:
+    name: str
+    template: str  # with {query} and {answer}
+
+    def render(self, query: str, answer: str) -> str:
+        # str.replace, not str.format: user text and templates may hold other braces.
+        return self.template.replace("{query}", query).replace("{answer}", answer)
+
+
+@dataclass(frozen=True)
+class RubricSet:
+    min_score: int
+    max_score: int
+    answer_lead: str  # opens the assistant turn; the grade's first digit comes right after
+    rubrics: tuple[Rubric, ...]
+
+    def pick(self, names: tuple[str, ...], path: str = "rubrics") -> tuple[Rubric, ...]:
+        by_name = {r.name: r for r in self.rubrics}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise InputFileError(path, f"no rubric named {missing[0]!r} (known: "
+                                 f"{', '.join(by_name)})", key="rubrics")
+        return tuple(by_name[n] for n in names)
+
+
+def load_rubrics(path: str | Path) -> RubricSet:
+    """Load self-assessment rubrics: a score range, the answer lead and named templates."""
+    p = resolve_path(str(path))
+    doc = read_yaml(p)
+    lo, hi = _field(p, doc, "min_score", "", int), _field(p, doc, "max_score", "", int)
+    if not 0 <= lo < hi <= 10:
+        raise InputFileError(str(p), f"need 0 <= min_score < max_score <= 10, got {lo}..{hi} "
+                             "(grades are read digit by digit)", key="max_score")
+    lead = doc.get("answer_lead")
+    if not isinstance(lead, str) or not lead.strip():
+        raise InputFileError(str(p), "must be a non-empty string", key="answer_lead")
+    raw = _field(p, doc, "rubrics", "", list)
+    if not raw:
+        raise InputFileError(str(p), "needs at least one rubric", key="rubrics")
+    rubrics = []
+    for i, node in enumerate(raw):
+        name, template = _field(p, node, "name", f"rubrics[{i}]"), \
+            _field(p, node, "template", f"rubrics[{i}]")
+        for slot in ("{query}", "{answer}"):
+            if slot not in template:
+                raise InputFileError(str(p), f"template lacks the {slot} slot",
+                                     key=f"rubrics[{i}].template")
+        if name in {r.name for r in rubrics}:
+            raise InputFileError(str(p), f"duplicate rubric name {name!r}", key=f"rubrics[{i}]")
+        rubrics.append(Rubric(name, template))
+    return RubricSet(lo, hi, lead, tuple(rubrics))

@@ -99,6 +99,33 @@ class AnswerRow(Row):
 
 
 @dataclass(frozen=True)
+class AssessRow(Row):
+    """An I-SHEEP self-assessment: one score per rubric for a (prompt, answer) pair."""
+
+    id: str
+    query: str
+    answer: str
+    answer_tokens: int
+    rubrics: list[str]
+    scores: list[float]  # a parsed grade, or the expected grade (method "expected")
+    grades: list[str]  # the grade text the model wrote ("" for the expected-score method)
+    kept: bool  # every score above the threshold: the pair goes on to fine-tuning
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("id", pa.string()),
+            ("query", pa.string()),
+            ("answer", pa.string()),
+            ("answer_tokens", pa.int32()),
+            ("rubrics", pa.list_(pa.string())),
+            ("scores", pa.list_(pa.float64())),
+            ("grades", pa.list_(pa.string())),
+            ("kept", pa.bool_()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
 class RejectRow(Row):
     """A row a stage did not keep, with the reason and the text that was judged."""
 

@@ -70,3 +70,14 @@ def request_seeds(sampling: SamplingConfig, count: int, seeds: list[int] | None)
     if len(seeds) != count:
         raise ValueError(f"got {len(seeds)} seeds for {count} prompts")
     return seeds
+
+
+def fitting_prompts(tokenizer: Any, prompts: list[str], max_model_len: int,
+                    reserve: int) -> tuple[list[int], list[int]]:
+    """(indices of the prompts that leave `reserve` tokens free in the context, every length).
+
+    For next-token scoring, which refuses a whole batch when one prompt is too long: callers
+    score the ones that fit and reject the others by name.
+    """
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
+    return [i for i, n in enumerate(lengths) if n + reserve <= max_model_len], lengths

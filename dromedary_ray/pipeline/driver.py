@@ -17,9 +17,10 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from dromedary_ray.config import RunConfig, dump_config
+from dromedary_ray.config import ITERATED_RECIPES, RunConfig, dump_config
 from dromedary_ray.data.schemas import RejectRow
 from dromedary_ray.data.store import StageStore, fingerprint, write_run_file
+from dromedary_ray.runtime.faults import maybe_die
 from dromedary_ray.stages import STAGES
 from dromedary_ray.stages.base import StageContext
 
@@ -38,12 +39,19 @@ class StageReport:
     path: str = ""
 
 
-def run_pipeline(config: RunConfig) -> list[StageReport]:
-    """Run every stage of `config.recipe`; return one report per stage."""
-    for name in config.stages:  # bad files fail here, before Ray starts or a stage is touched
-        STAGES[name].check(config)
+def run_pipeline(config: RunConfig, upstream: str | None = None) -> list[StageReport]:
+    """Run every stage of `config.recipe`; return one report per stage.
+
+    `upstream`: the fingerprint of whatever made `config.model` when an earlier run did (an
+    I-SHEEP iteration's model), so that a change upstream reruns these stages too.
+    """
+    if config.recipe in ITERATED_RECIPES:
+        from dromedary_ray.pipeline.isheep import run_isheep
+
+        return run_isheep(config)
+    check_stages(config)
     _write_resolved_config(config)
-    fingerprints: dict[str, str] = {}
+    fingerprints = stage_fingerprints(config, upstream)
     reports = []
     if any(STAGES[name].uses_ray for name in config.stages):
         from dromedary_ray.runtime.cluster import connect
@@ -53,7 +61,33 @@ def run_pipeline(config: RunConfig) -> list[StageReport]:
         report = run_stage(config, name, fingerprints)
         _log_metrics(config, report)
         reports.append(report)
+        maybe_die("driver_stage")  # fault tests: the driver dies between two stages
     return reports
+
+
+def check_stages(config: RunConfig) -> None:
+    """Bad files fail here, before Ray starts or a stage is touched."""
+    for name in config.stages:
+        STAGES[name].check(config)
+
+
+def stage_fingerprints(config: RunConfig, upstream: str | None = None) -> dict[str, str]:
+    """Each stage's fingerprint: its own config payload, its inputs' fingerprints (and the
+    upstream model's, when there is one)."""
+    fps: dict[str, str] = {}
+    for name in config.stages:
+        fps[name] = stage_fingerprint(config, name, fps, upstream)
+    return fps
+
+
+def stage_fingerprint(config: RunConfig, name: str, input_fps: dict[str, str],
+                      upstream: str | None = None) -> str:
+    stage = STAGES[name]
+    key = {"stage": name, "payload": stage.fingerprint_payload(config),
+           "inputs": {i: input_fps[i] for i in stage.input_stages(config)}}
+    if upstream is not None:
+        key["upstream"] = upstream
+    return fingerprint(key)
 
 
 def _write_resolved_config(config: RunConfig) -> None:
@@ -93,9 +127,7 @@ def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str]) -> Sta
     store = StageStore(config.run_dir, name)
     inputs = stage.input_stages(config)
     input_fps = {i: fingerprints[i] for i in inputs}
-    fp = fingerprint({"stage": name, "payload": stage.fingerprint_payload(config),
-                      "inputs": input_fps})
-    fingerprints[name] = fp
+    fp = fingerprints.get(name) or stage_fingerprint(config, name, fingerprints)
     manifest = store.read_manifest()
     if manifest and manifest.get("fingerprint") == fp and manifest.get("status") == "done":
         log.info("stage %s: done with the same fingerprint, skipped", name)
@@ -122,6 +154,14 @@ def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str]) -> Sta
         "reject_reasons": report.reject_reasons, "metrics": report.metrics,
     })
     return report
+
+
+def skipped_report(config: RunConfig, name: str) -> StageReport:
+    """The report of a stage finished earlier, read from its manifest and tables."""
+    stage, store = STAGES[name], StageStore(config.run_dir, name)
+    manifest = store.read_manifest() or {}
+    return _report(stage, store, "skipped", manifest.get("seconds", 0.0),
+                   manifest.get("metrics", {}))
 
 
 def _report(stage: Any, store: StageStore, status: str, seconds: float,

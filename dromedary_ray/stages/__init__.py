@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dromedary_ray.stages.answer import AnswerStage
+from dromedary_ray.stages.assess import AssessStage
 from dromedary_ray.stages.base import Stage
 from dromedary_ray.stages.engrave import EngraveStage
+from dromedary_ray.stages.preferences import PreferencesStage
 from dromedary_ray.stages.seeds import SeedsStage
 from dromedary_ray.stages.self_align import SelfAlignStage
+from dromedary_ray.stages.sft import SftStage
 from dromedary_ray.stages.synthesize import SynthesizeStage
 from dromedary_ray.stages.verbose_clone import VerboseCloneStage
 
@@ -17,5 +21,9 @@ STAGES: dict[str, Stage] = {
         SelfAlignStage(),
         EngraveStage(),
         VerboseCloneStage(),
+        AnswerStage(),
+        AssessStage(),
+        SftStage(),
+        PreferencesStage(),
     )
 }

@@ -21,6 +21,17 @@ def prompt_source(config: RunConfig) -> str:
     raise ValueError(f"recipe {config.recipe!r} has no prompt stage ({', '.join(PROMPT_STAGES)})")
 
 
+SFT_STAGES = ("verbose_clone", "engrave")  # the recipe's supervised model: the last of these
+
+
+def sft_stage(config: RunConfig) -> str:
+    """The stage whose model SALMON starts from: verbose_clone where the recipe has it."""
+    for name in SFT_STAGES:
+        if name in config.stages:
+            return name
+    raise ValueError(f"recipe {config.recipe!r} has no supervised stage ({', '.join(SFT_STAGES)})")
+
+
 def generation_fingerprint(config: RunConfig) -> dict[str, Any]:
     """What, besides a stage's own section, changes the text a generation stage samples."""
     engine = config.engine

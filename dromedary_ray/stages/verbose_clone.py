@@ -8,59 +8,15 @@ checkpoints through Ray Train, so an interrupted stage resumes in either phase.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-import pyarrow as pa
-
-from dromedary_ray.algos.parsing import LeakDetector, judge_answer
-from dromedary_ray.config import RunConfig, VerboseCloneConfig, resolve_path
+from dromedary_ray.config import RunConfig, resolve_path
 from dromedary_ray.data.schemas import AnswerRow, PromptRow, RejectRow
 from dromedary_ray.data.store import file_digest
-from dromedary_ray.engines.base import Engine
 from dromedary_ray.principles import load_system_prompt
-from dromedary_ray.prompts import chat_stop_strings, render_chat
-from dromedary_ray.runtime.generate import BatchResult
+from dromedary_ray.stages.answer import AnswerTask
 from dromedary_ray.stages.base import StageContext, generation_fingerprint, prompt_source
-from dromedary_ray.stages.self_align import error_reason, generation_metrics, row_seed
-
-
-class VerboseTask:
-    """One engine worker's share: answer under the verbose prompt, filter, tabulate."""
-
-    def __init__(self, tokenizer: Any, cfg: VerboseCloneConfig, system_prompt: str,
-                 stage: str = "verbose_clone"):
-        self.tokenizer, self.cfg, self.stage = tokenizer, cfg, stage
-        self.system_prompt = system_prompt
-        stops = cfg.sampling.stop + tuple(s for s in chat_stop_strings(tokenizer)
-                                          if s not in cfg.sampling.stop)
-        self.sampling = dataclasses.replace(cfg.sampling, stop=stops)
-        # An answer that recites the system prompt has learned the prompt, not the style.
-        self.leak = LeakDetector([system_prompt], n=8)
-
-    def process(self, engine: Engine, batch: pa.Table) -> BatchResult:
-        prompts = PromptRow.from_table(batch)
-        docs = [render_chat(self.tokenizer, [{"role": "system", "content": self.system_prompt},
-                                             {"role": "user", "content": p.query}])
-                for p in prompts]
-        seeds = [row_seed(self.cfg.sampling.seed, p.id) for p in prompts]
-        gens = engine.generate(docs, self.sampling, seeds)
-        kept, rejects = [], []
-        for prompt, gen in zip(prompts, gens, strict=True):
-            if gen.error:
-                rejects.append(RejectRow(prompt.id, self.stage, error_reason(gen.error), gen.error))
-                continue
-            comp = gen.completions[0]
-            verdict = judge_answer(None, comp.text, comp.finish_reason, self.leak,
-                                   self.cfg.min_answer_words, self.cfg.max_repeated_ngram_fraction)
-            if verdict.reject_reason:
-                rejects.append(RejectRow(prompt.id, self.stage, verdict.reject_reason, comp.text))
-                continue
-            kept.append(AnswerRow(prompt.id, prompt.query, verdict.answer, gen.prompt_tokens,
-                                  len(comp.token_ids), comp.mean_logprob, comp.finish_reason))
-        tokens = sum(len(c.token_ids) for g in gens for c in g.completions)
-        return BatchResult(AnswerRow.to_table(kept), RejectRow.to_table(rejects),
-                           sum(g.prompt_tokens for g in gens), tokens)
+from dromedary_ray.stages.self_align import generation_metrics
 
 
 class VerboseCloneStage:
@@ -94,7 +50,11 @@ class VerboseCloneStage:
         system_prompt = load_system_prompt(cfg.verbose_clone.system_prompt_file)
         summaries = run_generation(
             todo, store=ctx.store, model_path=engraved, engine_cfg=cfg.engine,
-            task=TaskSpec(VerboseTask, {"cfg": cfg.verbose_clone, "system_prompt": system_prompt}),
+            task=TaskSpec(AnswerTask, {
+                "sampling": cfg.verbose_clone.sampling, "system_prompt": system_prompt,
+                "min_answer_words": cfg.verbose_clone.min_answer_words,
+                "max_repeated_ngram_fraction": cfg.verbose_clone.max_repeated_ngram_fraction,
+                "stage": self.name}),
             seed=cfg.verbose_clone.sampling.seed, desc="verbose_clone",
         )
         ctx.metrics.update(generation_metrics(summaries), resumed_rows=resumed)
