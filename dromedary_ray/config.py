@@ -477,6 +477,35 @@ class PPOConfig:
                "must be vllm or transformers")
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluate every model the run makes, right after the stage that made it (and the base
+    model first), with `dromedary eval` suites; results go to <run>/eval/<stage>/<suite>.json."""
+
+    suites: tuple[str, ...] = ()  # e.g. [ifeval]; empty: no automatic evaluation
+    include_base: bool = True  # also the starting model, labelled "base"
+    hhh_data: str | None = None  # the suites whose data is not shipped need a path
+    truthfulqa_data: str | None = None
+    backend: str = "vllm"
+    max_new_tokens: int = 256
+    max_model_len: int = 2048
+    limit: int | None = None  # first N items per suite (quick looks)
+
+    def __post_init__(self) -> None:
+        known = ("hhh", "truthfulqa", "ifeval")  # pairwise needs a second model and a judge
+        for suite in self.suites:
+            _check(suite in known, "suites", f"{suite!r} is not one of {', '.join(known)}")
+        _check("hhh" not in self.suites or self.hhh_data is not None, "hhh_data",
+               "the hhh suite needs its data path")
+        _check("truthfulqa" not in self.suites or self.truthfulqa_data is not None,
+               "truthfulqa_data", "the truthfulqa suite needs its data path")
+        _check(self.backend in ("vllm", "transformers"), "backend", "must be vllm or transformers")
+        _check(self.limit is None or self.limit >= 1, "limit", "must be >= 1")
+
+    def data(self, suite: str) -> str | None:
+        return {"hhh": self.hhh_data, "truthfulqa": self.truthfulqa_data}.get(suite)
+
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "seeds_only": ("seeds",),
     "self_align": ("seeds", "self_align"),
@@ -546,6 +575,7 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     isheep: IsheepConfig = field(default_factory=IsheepConfig)
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 

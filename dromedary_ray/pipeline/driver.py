@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from dromedary_ray.config import ITERATED_RECIPES, RunConfig, dump_config
 from dromedary_ray.data.schemas import RejectRow
 from dromedary_ray.data.store import StageStore, fingerprint, write_run_file
+from dromedary_ray.pipeline.evaluate import evaluate_model, stage_model
 from dromedary_ray.runtime.faults import maybe_die
 from dromedary_ray.stages import STAGES
 from dromedary_ray.stages.base import StageContext
@@ -57,11 +58,16 @@ def run_pipeline(config: RunConfig, upstream: str | None = None) -> list[StageRe
         from dromedary_ray.runtime.cluster import connect
 
         connect(config.ray)
+    if config.evaluate.suites and config.evaluate.include_base:
+        evaluate_model(config, config.model, "base", made_by=f"base:{config.model}")
     for name in config.stages:
         report = run_stage(config, name, fingerprints)
         _log_metrics(config, report)
         reports.append(report)
         maybe_die("driver_stage")  # fault tests: the driver dies between two stages
+        spec = stage_model(config, name) if config.evaluate.suites else None
+        if spec:
+            evaluate_model(config, spec, name, made_by=fingerprints[name])
     return reports
 
 

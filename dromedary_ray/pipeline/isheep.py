@@ -28,6 +28,7 @@ from dromedary_ray.pipeline.driver import (
     skipped_report,
     stage_fingerprints,
 )
+from dromedary_ray.pipeline.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def iteration_config(config: RunConfig, k: int) -> RunConfig:
     data.update(run_dir=str(iteration_dir(config, k)), recipe=ITERATION_RECIPE,
                 model=iteration_model(config, k))
     data["isheep"]["base_model"] = config.isheep.base_model or config.model
+    data["evaluate"]["suites"] = []  # the loop evaluates each iteration's model under <run>
     if config.isheep.reseed:
         for path in SEED_KEYS:
             node = data
@@ -73,6 +75,8 @@ def run_isheep(config: RunConfig) -> list[StageReport]:
     write_run_file(config.run_dir, "config.yaml", _dump(config))
     reports: list[StageReport] = []
     upstream: str | None = None
+    if config.evaluate.suites and config.evaluate.include_base:
+        evaluate_model(config, config.model, "base", made_by=f"base:{config.model}")
     for k in range(1, config.isheep.iterations + 1):
         it_config = iteration_config(config, k)
         it_fp = fingerprint(stage_fingerprints(it_config, upstream))
@@ -84,6 +88,9 @@ def run_isheep(config: RunConfig) -> list[StageReport]:
             stage_reports = _run_iteration(config, k, it_config, it_fp, upstream)
         reports += [_prefixed(r, k) for r in stage_reports]
         upstream = it_fp
+        if config.evaluate.suites:
+            model = str(iteration_dir(config, k) / "sft" / "model")
+            evaluate_model(config, model, f"iter{k}", made_by=it_fp)
     write_iteration_metrics(config)
     return reports
 
