@@ -26,3 +26,22 @@ def ray_local():
     connect(RayConfig(num_cpus=4))
     yield
     shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tiny_model, tmp_path_factory) -> str:
+    """A one-label LlamaForSequenceClassification on the tiny model, random score head: what
+    the reward_model stage writes, in shape."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_rm")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1,
+                                                               dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)

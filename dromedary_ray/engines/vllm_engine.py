@@ -57,7 +57,9 @@ def prepare_vllm_env(cfg: EngineConfig) -> bool:
 
 
 class VLLMEngine:
-    def __init__(self, model_path: str, cfg: EngineConfig, seed: int = 0):
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int = 0,
+                 llm_kwargs: dict[str, Any] | None = None):
+        """`llm_kwargs`: extra `vllm.LLM` arguments (the PPO rollout actor's sleep mode)."""
         on_cpu = prepare_vllm_env(cfg)
         if cfg.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -83,6 +85,7 @@ class VLLMEngine:
             kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 4096)
         if cfg.in_process:
             kwargs["distributed_executor_backend"] = "uni"
+        kwargs.update(llm_kwargs or {})
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len

@@ -6,7 +6,9 @@ from dromedary_ray.stages.answer import AnswerStage
 from dromedary_ray.stages.assess import AssessStage
 from dromedary_ray.stages.base import Stage
 from dromedary_ray.stages.engrave import EngraveStage
+from dromedary_ray.stages.ppo import PPOStage
 from dromedary_ray.stages.preferences import PreferencesStage
+from dromedary_ray.stages.reward_model import RewardModelStage
 from dromedary_ray.stages.seeds import SeedsStage
 from dromedary_ray.stages.self_align import SelfAlignStage
 from dromedary_ray.stages.sft import SftStage
@@ -25,5 +27,7 @@ STAGES: dict[str, Stage] = {
         AssessStage(),
         SftStage(),
         PreferencesStage(),
+        RewardModelStage(),
+        PPOStage(),
     )
 }

@@ -1,0 +1,400 @@
+"""The PPO driver loop: generate, score, reference, advantages, update, sync; each timed.
+
+SALMON §3.3: the SFT policy samples responses; the principle-following reward model scores
+each under principles drawn for its prompt's type plus every intervention principle; the
+length bonus and unfinished penalty adjust the score; a per-token KL penalty against the SFT
+model joins the reward; PPO updates policy and critic; the rollout engines take the new weights
+in place. Every step appends one JSON line to `<stage>/ppo_steps.jsonl` (and TensorBoard scalars
+to `<stage>/tensorboard/`) and writes its rollouts as one shard of the stage's data table.
+
+Checkpoints (`checkpoint.py`) every `checkpoint_every_steps` steps and at the last step: a
+killed run called again continues after the newest one. One at exactly `steps` finishes with
+its saved policy and runs no step (the result's `steps_run` is 0, and a warning says so); one
+past `steps` is refused. The final policy goes to `<stage>/model/` as a Hugging Face folder.
+
+Launch (a local Ray cluster; `tests/test_ppo.py` has runnable variants)::
+
+    from dromedary_ray.config import EngineConfig, PPOConfig, RayConfig
+    from dromedary_ray.data.schemas import PromptRow
+    from dromedary_ray.data.store import StageStore
+    from dromedary_ray.runtime.cluster import connect
+    from dromedary_ray.runtime.ppo.loop import run_ppo
+
+    connect(RayConfig(num_cpus=4))
+    result = run_ppo([PromptRow("p1", "seed", "Name a prime.")],
+                     policy_path="runs/x/verbose_clone/model",
+                     reward="runs/x/reward_model/model",  # or a function, see reward.RewardFn
+                     cfg=PPOConfig(steps=20, prompts_per_step=8, mini_batch_size=4),
+                     engine=EngineConfig(max_model_len=1024), store=StageStore("runs/x", "ppo"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dromedary_ray.algos.ppo import (
+    compute_advantages,
+    length_mask,
+    pad_right,
+    rollout_principles,
+    sample_seed,
+    step_prompt_indices,
+    step_stats,
+    unpad,
+)
+from dromedary_ray.config import EngineConfig, PPOConfig, resolve_path
+from dromedary_ray.data.salmon_schemas import RolloutRow
+from dromedary_ray.data.schemas import PromptRow, RejectRow
+from dromedary_ray.data.store import StageStore, file_digest
+from dromedary_ray.errors import StageError
+from dromedary_ray.runtime.faults import maybe_die
+from dromedary_ray.runtime.ppo.checkpoint import latest_checkpoint, resume_step, write_checkpoint
+from dromedary_ray.runtime.ppo.reward import RewardFn
+from dromedary_ray.runtime.ppo.rollout import RolloutRequest
+from dromedary_ray.salmon_principles import SalmonPrincipleSet, load_salmon_principles
+
+log = logging.getLogger(__name__)
+STEPS_FILE = "ppo_steps.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class PPOResult:
+    model_dir: str
+    steps: int  # the configured total
+    steps_run: int  # trained by this call (0 when it finished from a checkpoint at `steps`)
+    resumed_from_step: int  # 0 for a fresh run
+    seconds: float
+    step_metrics: list[dict[str, float]] = field(default_factory=list)  # steps of this call
+
+
+@dataclass
+class Actors:
+    rollouts: list[Any]  # RolloutActor handles (engine.num_engines of them)
+    reward: Any  # RewardActor handle, or None when only the trainer is needed
+    trainer: Any  # PPOTrainer handle
+
+
+@dataclass
+class Loop:
+    """What every step needs: the inputs, the config and the actors."""
+
+    prompts: Sequence[PromptRow]
+    pset: SalmonPrincipleSet
+    cfg: PPOConfig
+    actors: Actors
+    store: StageStore
+
+
+def run_ppo(prompts: Sequence[PromptRow], *, policy_path: str, reward: str | RewardFn,
+            cfg: PPOConfig, engine: EngineConfig, store: StageStore,
+            value_init_path: str | None = None) -> PPOResult:
+    """Train `policy_path` with PPO on `prompts`; return where the policy went and the metrics.
+
+    `reward`: a reward model folder or a `RewardFn`; `value_init_path`: the critic's starting
+    weights (a sequence-classification folder, normally the reward model), None for the
+    policy's. Ray must be connected.
+    """
+    import ray
+
+    started = time.perf_counter()
+    stage_dir = Path(store.root)
+    fp = run_fingerprint(prompts, policy_path, reward, value_init_path, cfg, engine)
+    cfg = dataclasses.replace(cfg, principles_file=str(resolve_path(cfg.principles_file)))
+    checkpoint = latest_checkpoint(stage_dir / CHECKPOINTS, fp)
+    start = resume_step(checkpoint, cfg.steps)
+    actors = start_actors(policy_path, reward, cfg, engine, value_init_path,
+                          trainer_only=start == cfg.steps)
+    try:
+        if checkpoint is not None:
+            ray.get(actors.trainer.load.remote(str(checkpoint.path)))
+            log.warning("ppo: resuming from %s (step %d of %d)", checkpoint.path,
+                        checkpoint.step, cfg.steps)
+        if start == cfg.steps and checkpoint is not None:
+            log.warning("ppo: the checkpoint is at the last step (%d): no step to run, the final "
+                        "model is the checkpoint's policy", start)
+        elif checkpoint is not None:
+            sync_weights(actors, start)  # the engines start from the SFT weights
+        loop = Loop(prompts, load_salmon_principles(cfg.principles_file), cfg, actors, store)
+        metrics = train_steps(loop, start, stage_dir, fp)
+        model_dir = ray.get(actors.trainer.save_pretrained.remote(store.model_dir))
+    finally:
+        stop_actors(actors)
+    return PPOResult(model_dir, cfg.steps, len(metrics), start,
+                     time.perf_counter() - started, metrics)
+
+
+def train_steps(loop: Loop, start: int, stage_dir: Path, fp: str) -> list[dict[str, float]]:
+    """Steps start+1 .. cfg.steps, each logged and checkpointed on schedule."""
+    import ray
+
+    cfg, metrics = loop.cfg, []
+    steps_log = StepLog(stage_dir, start)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            row = ppo_step(step, loop)
+            if step % cfg.checkpoint_every_steps == 0 or step == cfg.steps:
+                t0 = time.perf_counter()
+                write_checkpoint(stage_dir / CHECKPOINTS, step, fp,
+                                 lambda folder: ray.get(loop.actors.trainer.save.remote(folder)))
+                row["seconds_checkpoint"] = time.perf_counter() - t0
+            steps_log.write(row)
+            metrics.append(row)
+            maybe_die("ppo_step")  # fault tests: the driver dies after a finished step
+    finally:
+        steps_log.close()
+    return metrics
+
+
+def ppo_step(step: int, loop: Loop) -> dict[str, float]:
+    """One PPO step; returns its metrics (rollout stats, trainer stats, seconds per phase)."""
+    import ray
+
+    timer = PhaseTimer()
+    with timer("generate"):
+        rollouts = generate(loop, step)
+    with timer("score"):
+        rollouts = score(loop, rollouts)
+    with timer("reference"):
+        rollouts = reference(loop, rollouts)
+    with timer("advantages"):
+        rollouts, stats = advantages(loop.cfg, rollouts)
+    with timer("update"):
+        stats.update(ray.get(loop.actors.trainer.update.remote(rollouts, step)))
+    with timer("sync"):
+        sync_weights(loop.actors, step)
+    with timer("write"):
+        loop.store.write_shard(rollouts, RejectRow.empty(), f"step-{step:06d}")
+    return {"step": step, **stats, **timer.seconds()}
+
+
+# --- the phases ----------------------------------------------------------------------------
+
+
+def generate(loop: Loop, step: int) -> pa.Table:
+    """This step's prompts, each `samples_per_prompt` times, split across the rollout actors."""
+    import ray
+
+    cfg, requests = loop.cfg, []
+    for slot, i in enumerate(step_prompt_indices(len(loop.prompts), cfg.prompts_per_step, step,
+                                                 cfg.seed)):
+        p = loop.prompts[i]
+        prompt_type, principles = rollout_principles(loop.pset, p.query, p.id, step, cfg)
+        for g in range(cfg.samples_per_prompt):
+            requests.append(RolloutRequest(
+                id=f"{step:06d}/{slot:04d}/{p.id}/{g}", step=step, prompt_id=p.id, sample=g,
+                prompt_type=prompt_type, prompt=p.query, principles=[x.name for x in principles],
+                seed=sample_seed(cfg.seed, step, f"{slot}/{p.id}", g)))
+    engines = loop.actors.rollouts
+    share = -(-len(requests) // len(engines))  # ceil: contiguous shares keep groups adjacent
+    chunks = [requests[k * share:(k + 1) * share] for k in range(len(engines))]
+    return pa.concat_tables(ray.get([a.generate.remote(c, cfg.sampling)
+                                     for a, c in zip(engines, chunks, strict=True) if c]))
+
+
+def score(loop: Loop, rollouts: pa.Table) -> pa.Table:
+    import ray
+
+    scores = ray.get(loop.actors.reward.score.remote(
+        rollouts["prompt"].to_pylist(), rollouts["response"].to_pylist(),
+        rollouts["principles"].to_pylist(), rollouts["response_token_ids"].to_pylist()))
+    return with_column(rollouts, "score", scores)
+
+
+def reference(loop: Loop, rollouts: pa.Table) -> pa.Table:
+    """The trainer's log-probs (policy and reference) and values for every response token."""
+    import ray
+
+    trainer = loop.actors.trainer
+    calls = {"policy_logprobs": trainer.policy_logprobs.remote(rollouts),
+             "ref_logprobs": trainer.ref_logprobs.remote(rollouts)}
+    if loop.cfg.advantage == "gae":
+        calls["values"] = trainer.values.remote(rollouts)
+    for name, ref in calls.items():
+        rollouts = with_column(rollouts, name, ray.get(ref))
+    return rollouts
+
+
+def advantages(cfg: PPOConfig, rollouts: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+    """Shaped rewards, KL and advantages (`algos.ppo.compute_advantages`) into the rows."""
+    import torch
+
+    lengths = [len(r) for r in rollouts["response_token_ids"].to_pylist()]
+    mask = length_mask(lengths)
+    col = {k: pad_right(rollouts[k].to_pylist(), mask.shape[1])
+           for k in ("logprobs", "policy_logprobs", "ref_logprobs", "values")
+           if k != "values" or cfg.advantage == "gae"}
+    scores = torch.tensor(rollouts["score"].to_pylist(), dtype=torch.float32)
+    finished = torch.tensor(rollouts["finished"].to_pylist())
+    adv = compute_advantages(cfg, scores, col["policy_logprobs"], col["ref_logprobs"], mask,
+                             finished, col.get("values"))
+    stats = step_stats(adv, scores, mask, finished)
+    # How far the engine's sampling log-probs are from the trainer's: a weight-sync check.
+    gap = ((col["logprobs"] - col["policy_logprobs"]).abs() * mask).max()
+    stats["rollout_logprob_gap"] = float(gap)
+    rollouts = with_column(rollouts, "reward", adv.rewards.tolist())
+    rollouts = with_column(rollouts, "advantages", unpad(adv.advantages, lengths))
+    if adv.returns is not None:
+        rollouts = with_column(rollouts, "returns", unpad(adv.returns, lengths))
+    return rollouts, stats
+
+
+def sync_weights(actors: Actors, version: int) -> float:
+    """Push the trainer's policy weights to every rollout engine; the slowest load's seconds.
+
+    The state dict is put in the object store once; each actor resolves the same ref.
+    """
+    import ray
+
+    weights = actors.trainer.state_dict_for_sync.remote()
+    return max(ray.get([a.update_weights.remote(weights, version) for a in actors.rollouts]),
+               default=0.0)
+
+
+# --- actors --------------------------------------------------------------------------------
+
+
+def start_actors(policy_path: str, reward: str | RewardFn, cfg: PPOConfig, engine: EngineConfig,
+                 value_init_path: str | None, trainer_only: bool = False) -> Actors:
+    """Rollout engines, the reward actor and the trainer, each with an engine's share of CPUs.
+
+    Raises before starting anything if the cluster lacks the CPUs they ask for: Ray would
+    otherwise leave an actor pending forever, silently.
+    """
+    import ray
+
+    from dromedary_ray.runtime.ppo.reward import RewardActor
+    from dromedary_ray.runtime.ppo.rollout import RolloutActor
+    from dromedary_ray.runtime.ppo.trainer import PPOTrainer
+
+    cpus, gpus = engine.cpus_per_engine, engine.gpus_per_engine
+    rm_cpus = cpus if isinstance(reward, str) else 0
+    need = cpus + (0 if trainer_only else engine.num_engines * cpus + rm_cpus)
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise StageError(f"ppo needs {need:g} CPUs (rollout engines {engine.num_engines} x "
+                         f"{cpus:g}, reward model {rm_cpus:g}, trainer {cpus:g}) but the Ray "
+                         f"cluster has {have:g}: raise ray.num_cpus or lower "
+                         "engine.cpus_per_engine")
+    trainer = ray.remote(PPOTrainer).options(num_cpus=cpus, num_gpus=1 if gpus else 0).remote(
+        policy_path, cfg, value_init_path, num_threads=max(1, int(cpus)), use_gpu=gpus > 0)
+    rollouts, reward_actor = [], None
+    if not trainer_only:
+        rollouts = [ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=gpus).remote(
+            policy_path, engine, cfg.seed + i) for i in range(engine.num_engines)]
+        reward_actor = ray.remote(RewardActor).options(
+            num_cpus=rm_cpus, num_gpus=gpus if isinstance(reward, str) else 0).remote(
+            reward, cfg.principles_file, cfg.reward_backend, engine)
+    actors = Actors(rollouts, reward_actor, trainer)
+    handles = [trainer, *rollouts] + ([reward_actor] if reward_actor is not None else [])
+    try:
+        ray.get([h.health.remote() for h in handles])  # surface start-up errors here
+    except Exception:
+        stop_actors(actors)
+        raise
+    return actors
+
+
+def stop_actors(actors: Actors) -> None:
+    import ray
+
+    for handle in [*actors.rollouts, actors.reward, actors.trainer]:
+        if handle is not None:
+            ray.kill(handle)  # also releases the engine's CPU-slot lock
+
+
+# --- bookkeeping ---------------------------------------------------------------------------
+
+
+def with_column(table: pa.Table, name: str, values: list[Any]) -> pa.Table:
+    """`table` with column `name` replaced, typed by RolloutRow.SCHEMA."""
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, RolloutRow.SCHEMA.field(name),
+                            pa.array(values, type=RolloutRow.SCHEMA.field(name).type))
+
+
+def run_fingerprint(prompts: Sequence[PromptRow], policy_path: str, reward: str | RewardFn,
+                    value_init_path: str | None, cfg: PPOConfig, engine: EngineConfig) -> str:
+    """What a checkpoint must match to be resumed: prompts, models and settings.
+
+    `steps` is left out so that a run can be extended, and `checkpoint_every_steps` because
+    it changes when state is saved, not what is computed.
+    """
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("steps", "checkpoint_every_steps")}
+    settings["principles_digest"] = file_digest(resolve_path(cfg.principles_file))
+    source = reward if isinstance(reward, str) else f"function:{reward.__module__}." \
+        f"{getattr(reward, '__qualname__', type(reward).__name__)}"
+    key = {"prompts": [(p.id, p.query) for p in prompts], "policy": policy_path,
+           "reward": source, "value_init": value_init_path, "ppo": settings,
+           "engine": [engine.backend, engine.dtype, engine.max_model_len]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class PhaseTimer:
+    """Wall seconds per named phase: `with timer("generate"): ...`."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] = time.perf_counter() - t0
+
+    def seconds(self) -> dict[str, float]:
+        out = {f"seconds_{k}": v for k, v in self._seconds.items()}
+        out["seconds_step"] = time.perf_counter() - self._start
+        return out
+
+
+class StepLog:
+    """`ppo_steps.jsonl` (one JSON object per step) and TensorBoard scalars.
+
+    A resumed run first drops the lines after its checkpoint's step, so each step appears
+    once, with the numbers of the run that produced the saved weights.
+    """
+
+    def __init__(self, stage_dir: Path, resumed_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.path = stage_dir / STEPS_FILE
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resumed_step]
+            tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            tmp.replace(self.path)
+        self.file = open(self.path, "a")  # noqa: SIM115 - lives as long as the loop
+        self.writer = SummaryWriter(logdir=str(stage_dir / "tensorboard"))
+
+    def write(self, row: dict[str, float]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()  # a killed driver still leaves every finished step on disk
+        for key, value in row.items():
+            if key != "step":
+                self.writer.add_scalar(f"ppo/{key}", value, row["step"])
+        self.writer.flush()
+        print(f"[ppo] step {row['step']} reward {row['reward_mean']:.3f} kl {row['kl']:.3f} "
+              f"len {row['response_length']:.1f} {row['seconds_step']:.1f}s", flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+        self.writer.close()
