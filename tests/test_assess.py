@@ -25,7 +25,8 @@ from dromedary_ray.principles import load_rubrics
 @pytest.mark.parametrize("text, score", [
     ("9", 9.0), (" 10", 10.0), ("7/10", 7.0), ("8 out of 10", 8.0), ("9.", 9.0),
     ("6. Mostly right, misses the second part.", 6.0), ("3, too vague", 3.0),
-    ("10\nThe answer is complete.", 10.0), ("1", 1.0), ("5 - fine", 5.0),
+    ("10\nThe answer is complete.", 10.0), ("1", 1.0), ("5 - fine", 5.0), ("9.5", 9.5),
+    ("8.25/10", 8.25),
 ])
 def test_valid_grades_parse(text, score):
     assert parse_grade(text, 1, 10).score == score
@@ -36,7 +37,8 @@ def test_valid_grades_parse(text, score):
     ("", REJECT_GRADE_MISSING), ("   \n9", REJECT_GRADE_MISSING),
     ("Great answer", REJECT_GRADE_MISSING), ("about 9", REJECT_GRADE_MISSING),
     ("0", REJECT_GRADE_OUT_OF_RANGE), ("11", REJECT_GRADE_OUT_OF_RANGE),
-    ("95", REJECT_GRADE_OUT_OF_RANGE),
+    ("95", REJECT_GRADE_OUT_OF_RANGE), ("10.5", REJECT_GRADE_OUT_OF_RANGE),
+    ("9.5.1", REJECT_GRADE_UNPARSEABLE),
     ("9 or 10", REJECT_GRADE_UNPARSEABLE), ("8-9", REJECT_GRADE_UNPARSEABLE),
     ("9x", REJECT_GRADE_UNPARSEABLE), ("9/5", REJECT_GRADE_UNPARSEABLE),
     ("7 because 2 parts", REJECT_GRADE_UNPARSEABLE),

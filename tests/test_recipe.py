@@ -79,3 +79,12 @@ def test_dromedary_recipe_end_to_end_then_skips(tmp_path: Path):
     assert again.returncode == 0, again.stderr[-2000:]
     for stage in stages:
         assert f"{stage:<12} skipped" in again.stdout
+    # The run report renders from this real run and names every stage with its status.
+    from test_report import parse
+
+    report = dromedary("report", str(run))
+    assert report.returncode == 0, report.stderr[-2000:]
+    page = parse(run / "report" / "report.html")
+    for stage in stages:
+        assert stage in page.headings and page.status[stage] == "done", stage
+    assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)

@@ -24,7 +24,8 @@ REJECT_GRADE_MISSING = "grade_missing"  # nothing, or no number, where the grade
 REJECT_GRADE_UNPARSEABLE = "grade_unparseable"  # text around the number makes it ambiguous
 REJECT_GRADE_OUT_OF_RANGE = "grade_out_of_range"
 
-_GRADE = re.compile(r"\s*(\d+)\s*(?:(?:/|out\s+of)\s*(\d+))?(.*)", re.IGNORECASE | re.DOTALL)
+_GRADE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:(?:/|out\s+of)\s*(\d+))?(.*)",
+                    re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,10 @@ class Grade:
 def parse_grade(text: str, min_score: int, max_score: int) -> Grade:
     """The grade a model wrote right after the answer lead, read strictly.
 
-    Accepted: "9", "9/10", "9 out of 10", "9." and a grade followed by a reason after a
-    newline, a period, a comma, a colon or a dash ("9. Clear and correct."). Rejected: nothing
+    Accepted: "9", "9.5" (small models often grade in halves though asked for whole numbers;
+    the number is unambiguous, so it is kept as written), "9/10", "9 out of 10", "9." and a
+    grade followed by a reason after a newline, a period, a comma, a colon or a dash
+    ("9. Clear and correct."). Rejected: nothing
     or no leading number (missing); a second number, a range, or a word glued to the number
     ("9 or 10", "8-9", "9x") (unparseable); a number outside [min_score, max_score], or a
     denominator other than max_score (out of range / unparseable).
@@ -46,7 +49,7 @@ def parse_grade(text: str, min_score: int, max_score: int) -> Grade:
     match = _GRADE.fullmatch(first_line)
     if not first_line or not match:
         return Grade(None, REJECT_GRADE_MISSING)
-    value, denominator, rest = int(match[1]), match[2], match[3]
+    value, denominator, rest = float(match[1]), match[2], match[3]
     if denominator is not None and int(denominator) != max_score:
         return Grade(None, REJECT_GRADE_UNPARSEABLE)
     rest = rest.strip()
@@ -54,7 +57,7 @@ def parse_grade(text: str, min_score: int, max_score: int) -> Grade:
         return Grade(None, REJECT_GRADE_UNPARSEABLE)
     if not min_score <= value <= max_score:
         return Grade(None, REJECT_GRADE_OUT_OF_RANGE)
-    return Grade(float(value), None)
+    return Grade(value, None)
 
 
 def first_digits(min_score: int, max_score: int) -> list[str]:
