@@ -5,10 +5,11 @@ the grade as text and parsing it, on the same model, pairs and rubrics.
     python benchmarks/assess.py [--model builtin:smollm2-135m] [--pairs 128] [--repeats 2]
 
 Pairs are the shipped seed instructions with their reference outputs as the answers. Both paths
-run through the assess stage's own task (`AssessTask.process`) on one vLLM engine; the prefix
-cache is emptied before every timed pass so neither path reads the other's prompts from it, and
-the passes alternate in order. Printed: pairs per second for each path, their ratio, and how
-often the two agree on the keep decision. Target: expected-score >= 3x generated text.
+run through the assess stage's own task (`AssessTask.process`) on one vLLM engine, chunk by
+chunk, the two paths alternating which goes first; the prefix cache is emptied before every
+timed call so neither path reads the other's prompts from it. Printed: pairs per second for
+each path, their ratio, and how often the two agree on the keep decision.
+Target: expected-score >= 3x generated text.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=16, help="pairs per timed call")
     ap.add_argument("--threshold", type=float, default=8.0)
     args = ap.parse_args()
 
@@ -49,7 +51,6 @@ def main() -> None:
     from dromedary_ray.stages.assess import AssessTask
 
     rows = pairs(args.pairs)
-    table = AnswerRow.to_table(rows)
     engine = make_engine(resolve_model(args.model),
                          EngineConfig(max_model_len=4096, kv_cache_gib=2, cpus_per_engine=2))
     rubrics = load_rubrics("principles/isheep_rubrics.yaml")
@@ -57,18 +58,24 @@ def main() -> None:
                            rubrics) for m in ("generate", "expected")}
     task_list = list(tasks.items())
     task_list[0][1].process(engine, AnswerRow.to_table(rows[:4]))  # warm-up, not timed
-    seconds: dict[str, list[float]] = {m: [] for m in tasks}
-    results: dict[str, tuple[list[AssessRow], int]] = {}
+    # Chunks alternate which path goes first, so load from other processes on a shared machine
+    # falls on both paths alike; every chunk starts from an empty prefix cache.
+    seconds = dict.fromkeys(tasks, 0.0)
+    results: dict[str, tuple[list[AssessRow], int]] = {m: ([], 0) for m in tasks}
     for r in range(args.repeats):
-        for method, task in task_list if r % 2 == 0 else task_list[::-1]:
-            secs, graded, rejected = timed(engine, task, table)
-            seconds[method].append(secs)
-            results[method] = (graded, rejected)
+        for c, start in enumerate(range(0, len(rows), args.chunk)):
+            chunk = AnswerRow.to_table(rows[start:start + args.chunk])
+            order = task_list if (r + c) % 2 == 0 else task_list[::-1]
+            for method, task in order:
+                secs, graded, rejected = timed(engine, task, chunk)
+                seconds[method] += secs
+                if r == 0:
+                    results[method] = (results[method][0] + graded, results[method][1] + rejected)
     engine.close()
 
     print(f"\n{len(rows)} pairs x {len(tasks['generate'].rubrics)} rubrics, {args.model}, "
-          f"vLLM on CPU, median of {args.repeats} passes")
-    rate = {m: len(rows) / statistics.median(s) for m, s in seconds.items()}
+          f"vLLM on CPU, {args.repeats} passes in chunks of {args.chunk}")
+    rate = {m: args.repeats * len(rows) / s for m, s in seconds.items()}
     for method in tasks:
         graded, rejected = results[method]
         kept = sum(r.kept for r in graded)

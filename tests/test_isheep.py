@@ -4,12 +4,10 @@ we set by hand, and the iterated recipe runs, stops, resumes and skips through t
 import json
 import math
 import os
-import string
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import STOP, dromedary, tiny_synthesis, train
 
 from dromedary_ray.config import PROJECT_ROOT, AssessConfig, EngineConfig, SamplingConfig
 from dromedary_ray.data.schemas import AnswerRow, AssessRow
@@ -105,35 +103,15 @@ def test_expected_score_agrees_with_sampled_grades(grader_model, backend):
     assert all(r.grades == [""] for r in exact)
 
 
-STOP = "[" + ",".join(string.ascii_uppercase) + "]"
-TRAIN = ["num_workers=2", "max_steps=2", "micro_batch_size=2", "max_seq_len=64",
-         "checkpoint_every_steps=2", "learning_rate=0.001", "warmup_ratio=0.0"]
 TINY = [
-    "recipe=isheep", "isheep.iterations=2", "model=builtin:tiny-llama", "engine.batch_size=8",
-    "engine.max_model_len=2048", "engine.kv_cache_gib=1", "engine.cpus_per_engine=1",
-    "synthesize.min_words=1",
-    "synthesize.self_instruct.target_count=6",
-    "synthesize.self_instruct.requests_per_round=4",
-    "synthesize.self_instruct.instructions_per_request=2",
-    "synthesize.self_instruct.max_rounds=2",
-    "synthesize.self_instruct.sampling.max_new_tokens=8",
-    f"synthesize.self_instruct.sampling.stop={STOP}",
-    "synthesize.red_team.topics_per_type=1", "synthesize.red_team.topics_per_request=2",
-    "synthesize.red_team.brainstorm_rounds=1", "synthesize.red_team.require_question=false",
-    "synthesize.red_team.sampling.max_new_tokens=8", f"synthesize.red_team.sampling.stop={STOP}",
+    "recipe=isheep", "isheep.iterations=2", *tiny_synthesis(2048),
     "isheep.answer.min_answer_words=1", "isheep.answer.sampling.max_new_tokens=16",
     f"isheep.answer.sampling.stop={STOP}",
     # A random model's grades say nothing; keep every pair so that each iteration trains.
     "isheep.assess.method=expected", "isheep.assess.threshold=0.0",
-    *[f"isheep.train.{t}" for t in TRAIN],
+    *[f"isheep.train.{t}" for t in train(2)],
 ]
 STAGES = ("synthesize", "answer", "assess", "sft")
-
-
-def dromedary(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dromedary_ray.cli", *args],
-                          env=env or dict(os.environ), capture_output=True, text=True,
-                          timeout=1500)
 
 
 def test_two_iterations_stop_resume_and_skip(tmp_path: Path):

@@ -1,51 +1,26 @@
 """The whole `dromedary` recipe end to end on the tiny model, through the CLI: synthesize,
-self_align, engrave, verbose_clone; then a rerun that skips every stage.
-
-The random model writes word salad that never ends a list item or an answer by itself, so every
-phase stops it at a capital letter (a real stop-string setting) and the length filters are
-relaxed: what is asserted is the plumbing (tables, models, manifests, skips), not quality.
+self_align, engrave, verbose_clone; then a rerun that skips every stage (settings: tiny_run.py).
 """
 
 import json
-import os
-import string
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import STOP, dromedary, tiny_synthesis, train
 
 from dromedary_ray.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-STOP = "[" + ",".join(string.ascii_uppercase) + "]"
-TRAIN = ["num_workers=2", "max_steps=4", "micro_batch_size=2", "max_seq_len=64",
-         "checkpoint_every_steps=2", "learning_rate=0.001", "warmup_ratio=0.0"]
+TRAIN = train(4)
 TINY = [
-    "recipe=dromedary", "model=builtin:tiny-llama", "engine.batch_size=8",
-    "engine.max_model_len=3072", "engine.kv_cache_gib=1", "engine.cpus_per_engine=1",
-    "synthesize.min_words=1",
-    "synthesize.self_instruct.target_count=6",
-    "synthesize.self_instruct.requests_per_round=4",
-    "synthesize.self_instruct.instructions_per_request=2",
-    "synthesize.self_instruct.max_rounds=2",
-    "synthesize.self_instruct.sampling.max_new_tokens=8",
-    f"synthesize.self_instruct.sampling.stop={STOP}",
-    "synthesize.red_team.topics_per_type=1", "synthesize.red_team.topics_per_request=2",
-    "synthesize.red_team.brainstorm_rounds=1", "synthesize.red_team.require_question=false",
-    "synthesize.red_team.sampling.max_new_tokens=8", f"synthesize.red_team.sampling.stop={STOP}",
+    "recipe=dromedary", *tiny_synthesis(3072),
     "self_align.min_answer_words=1", "self_align.max_thought_tokens=24",
     "self_align.sampling.max_new_tokens=24", f"self_align.sampling.stop={STOP}",
     "verbose_clone.min_answer_words=1", "verbose_clone.sampling.max_new_tokens=24",
     f"verbose_clone.sampling.stop={STOP}",
     *[f"engrave.train.{t}" for t in TRAIN], *[f"verbose_clone.train.{t}" for t in TRAIN],
 ]
-
-
-def dromedary(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dromedary_ray.cli", *args],
-                          env=dict(os.environ), capture_output=True, text=True, timeout=1500)
 
 
 def manifest(run: Path, stage: str) -> dict:
