@@ -217,3 +217,64 @@ def _vllm_next_token(scorer: VLLMScorer, ids: list[list[int]],
         for (i, c), value in zip(missing, exact, strict=True):
             result[i][c] = value
     return result
+
+
+def next_two_logprobs(engine: Any, prompts: Sequence[str], first: Sequence[str], forced: str,
+                      second: Sequence[str]) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """For each prompt: log p(c | prompt) for the single-token choices `first`, and
+    log p(c | prompt + forced) for the choices `second`, in one request per prompt.
+
+    vLLM: two decoding steps with the first token forced by `allowed_token_ids`; the log-probs
+    vLLM reports are taken from the raw logits (its default `logprobs_mode`), before that mask,
+    so step one reads the model's own first-token distribution and step two the distribution
+    after `forced`. A choice outside the top 20 is scored exactly by prompt log-probs instead.
+    transformers: one forward pass over prompt + forced, read at the last two positions.
+    """
+    scorer = make_scorer(engine)
+    tok = engine.tokenizer
+    first_ids = {c: single_token_id(tok, c) for c in first}
+    second_ids = {c: single_token_id(tok, c) for c in second}
+    forced_id = single_token_id(tok, forced)
+    bos = getattr(tok, "bos_token", None)
+    ids = [list(tok(p, add_special_tokens=not (bos and p.startswith(bos))).input_ids)
+           for p in prompts]
+    check_length([(p, [0, 0]) for p in ids], scorer.max_model_len)
+    if isinstance(scorer, HFScorer):
+        out = []
+        for batch in _token_batches([len(p) + 1 for p in ids]):
+            logps = scorer._forward([ids[i] + [forced_id] for i in batch])
+            for row, i in enumerate(batch):
+                a, b = logps[row, len(ids[i]) - 1], logps[row, len(ids[i])]
+                out.append((i, ({c: float(a[t]) for c, t in first_ids.items()},
+                                {c: float(b[t]) for c, t in second_ids.items()})))
+        return [pair for _, pair in sorted(out, key=lambda x: x[0])]
+    return _vllm_two_steps(scorer, ids, first_ids, forced_id, second_ids)
+
+
+def _vllm_two_steps(scorer: VLLMScorer, ids: list[list[int]], first_ids: dict[str, int],
+                    forced_id: int, second_ids: dict[str, int]
+                    ) -> list[tuple[dict[str, float], dict[str, float]]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, logprobs=20, detokenize=False,
+                            allowed_token_ids=[forced_id], ignore_eos=True)
+    outs = scorer.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params,
+                               use_tqdm=False)
+    result, missing = [], []
+    for i, out in enumerate(outs):
+        steps = out.outputs[0].logprobs
+        rows = []
+        for step, choices in enumerate((first_ids, second_ids)):
+            top = steps[step]
+            row = {c: float(top[t].logprob) if t in top else math.nan for c, t in choices.items()}
+            missing += [(i, step, c) for c, v in row.items() if math.isnan(v)]
+            rows.append(row)
+        result.append((rows[0], rows[1]))
+    if missing:
+        exact = scorer.loglik_ids([
+            (ids[i] + ([forced_id] if step else []), [(second_ids if step else first_ids)[c]])
+            for i, step, c in missing])
+        for (i, step, c), value in zip(missing, exact, strict=True):
+            result[i][step][c] = value
+    return result

@@ -91,22 +91,23 @@ class AssessTask:
         return grades, sum(g.prompt_tokens for g in gens), completion
 
     def _expected(self, engine: Engine, prompts: list[str]) -> tuple[Grades, int]:
-        """One next-token read per prompt (and one more after "1" on a 1-10 scale, which vLLM
-        serves from its prefix cache); no text is sampled."""
-        from dromedary_ray.eval.loglik import next_token_logprobs
+        """The grade's digit distribution read, not sampled: one request per prompt (two steps
+        on a 1-10 scale, the second reading p("0") after a forced "1"); no text is made."""
+        from dromedary_ray.eval.loglik import next_token_logprobs, next_two_logprobs
 
-        fits, lengths = fitting_prompts(self.tokenizer, prompts, engine.max_model_len, 2)
+        fits, lengths = fitting_prompts(self.tokenizer, prompts, engine.max_model_len, 3)
         grades: Grades = [(None, f"{n} prompt tokens exceed max_model_len "
                            f"{engine.max_model_len}", REJECT_PROMPT_TOO_LONG) for n in lengths]
         if not fits:
             return grades, 0
-        first = next_token_logprobs(engine, [prompts[i] for i in fits], first_digits(*self.scale))
-        zeros: list[float | None] = [None] * len(fits)
+        digits = first_digits(*self.scale)
+        todo = [prompts[i] for i in fits]
         if needs_second_digit(self.scale[1]):
-            after_one = next_token_logprobs(engine, [prompts[i] + "1" for i in fits], ["0"])
-            zeros = [a["0"] for a in after_one]
-        for i, lp, zero in zip(fits, first, zeros, strict=True):
-            grades[i] = (expected_score(lp, zero, *self.scale), "", None)
+            reads = [(a, b["0"]) for a, b in next_two_logprobs(engine, todo, digits, "1", ["0"])]
+        else:
+            reads = [(a, None) for a in next_token_logprobs(engine, todo, digits)]
+        for i, (first, zero) in zip(fits, reads, strict=True):
+            grades[i] = (expected_score(first, zero, *self.scale), "", None)
         return grades, sum(lengths[i] for i in fits)
 
 

@@ -221,8 +221,10 @@ class PPOTrainer:
     def load(self, folder: str) -> None:
         import torch
 
+        # weights_only: tensors, numbers and containers only, so a tampered checkpoint cannot
+        # run code on load (RNG states and optimizer states are all of those).
         state = torch.load(os.path.join(folder, STATE_FILE), map_location=self.device,
-                           weights_only=False)
+                           weights_only=True)
         self.policy.load_state_dict(state["policy"])
         self.policy_opt.load_state_dict(state["policy_opt"])
         if self.critic is not None:
