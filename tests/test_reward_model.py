@@ -139,10 +139,14 @@ def test_saved_folder_is_a_plain_one_label_classifier(trained):
 
 
 def test_heldout_accuracy_and_principles_reverse_the_preference(trained):
-    from dromedary_ray.runtime.reward_scorer import RewardScorer, pairwise_accuracy_of
+    from dromedary_ray.config import EngineConfig
+    from dromedary_ray.engines.reward import make_reward_scorer
+    from dromedary_ray.salmon_principles import render_rm_input
+    from dromedary_ray.stages.reward_model import pairwise_accuracy_of
 
     out, _, heldout, held_prompts = trained
-    scorer = RewardScorer(str(out / "model"))
+    scorer = make_reward_scorer(str(out / "model"), "transformers",
+                                EngineConfig(max_model_len=512))
     held = pairwise_accuracy_of(scorer, [example_texts(PSET, e) for e in heldout])
     assert held["pairs"] >= 20
     assert held["accuracy"] >= 0.9, held
@@ -153,8 +157,8 @@ def test_heldout_accuracy_and_principles_reverse_the_preference(trained):
             principles = [(PSET.get(name), negated)]
             right = 0
             for _, prompt, short, long in held_prompts:
-                s_short = scorer.score(PSET, prompt, short, principles)
-                s_long = scorer.score(PSET, prompt, long, principles)
+                s_short, s_long = scorer.score([render_rm_input(PSET, prompt, r, principles)
+                                                for r in (short, long)])
                 right += (s_short > s_long) == wants_short
             assert right / len(held_prompts) >= 0.9, (name, negated, right, len(held_prompts))
 
@@ -165,12 +169,13 @@ def test_vllm_pooling_runner_gives_the_transformers_scores(trained):
     from vllm import PoolingParams
 
     from dromedary_ray.config import EngineConfig
+    from dromedary_ray.engines.reward import make_reward_scorer
     from dromedary_ray.engines.vllm_engine import VLLMEngine
-    from dromedary_ray.runtime.reward_scorer import RewardScorer
 
     out, _, heldout, _ = trained
     texts = [t for e in heldout[:4] for t in example_texts(PSET, e)]
-    expected = RewardScorer(str(out / "model")).score_texts(texts)
+    expected = make_reward_scorer(str(out / "model"), "transformers",
+                                  EngineConfig(max_model_len=512)).score(texts)
     engine = VLLMEngine(str(out / "model"), EngineConfig(max_model_len=512, kv_cache_gib=1,
                                                          cpus_per_engine=1),
                         llm_kwargs={"runner": "pooling"})

@@ -239,7 +239,8 @@ def test_lora_score_head_trains_adapters_and_the_head(tiny_model):
 
 
 def test_scorer_batches_give_the_unbatched_scores(tiny_model, tmp_path):
-    from dromedary_ray.runtime.reward_scorer import RewardScorer
+    from dromedary_ray.config import EngineConfig
+    from dromedary_ray.engines.reward import make_reward_scorer
     from dromedary_ray.runtime.train_common import load_model, load_tokenizer
 
     torch.manual_seed(0)
@@ -248,7 +249,9 @@ def test_scorer_batches_give_the_unbatched_scores(tiny_model, tmp_path):
     load_tokenizer(tiny_model).save_pretrained(tmp_path / "rm")
     texts = [t for e in (example(), example(negated=(True,))) for t in example_texts(PSET, e)]
     texts.append("A very short one:")
-    batched = RewardScorer(str(tmp_path / "rm"), batch_size=8).score_texts(texts)
-    single = RewardScorer(str(tmp_path / "rm"), batch_size=1).score_texts(texts)
+    batched = make_reward_scorer(str(tmp_path / "rm"), "transformers", EngineConfig(),
+                                 batch_size=8).score(texts)
+    single = make_reward_scorer(str(tmp_path / "rm"), "transformers", EngineConfig(),
+                                batch_size=1).score(texts)
     assert batched == pytest.approx(single, abs=1e-5)
     assert len(set(round(s, 6) for s in batched)) == len(texts)  # really different inputs

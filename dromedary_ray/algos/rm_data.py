@@ -6,7 +6,7 @@ output one scalar, read at the last token by a linear head. An `RMExample` (algo
 becomes two such inputs, chosen and rejected, trained with the pairwise Bradley-Terry loss.
 
 Pure code (torch, no Ray or DeepSpeed): `runtime/train_rm.py` is the distributed shell around it
-and `runtime/reward_scorer.py` scores with the same encoding. Shapes: B = pairs in a
+and `engines/reward.py` scores with the same encoding. Shapes: B = pairs in a
 micro-batch, T = padded sequence length.
 """
 

@@ -7,7 +7,7 @@ fraction of the response pairs, and trains a scalar-head model on the rest with 
 Bradley-Terry loss (`runtime/train_rm.py`). Writes:
 
     <run>/reward_model/model/            AutoModelForSequenceClassification, one label (plain
-                                         weights; see runtime/reward_scorer.py to score with it)
+                                         weights; engines/reward.py scores with it)
     <run>/reward_model/data/             one RMSummaryRow
     <run>/reward_model/rejects/          pairs with no consistent judgement, over-long inputs
     <run>/reward_model/examples.parquet  every kept example (RMExampleRow), train and held out
@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dromedary_ray.algos.rm_data import (
     REJECT_RM_INPUT_TOO_LONG,
@@ -37,7 +38,7 @@ from dromedary_ray.algos.salmon_prefs import (
     RMExample,
     aggregate_rm_examples,
 )
-from dromedary_ray.config import RewardModelConfig, RunConfig, resolve_path
+from dromedary_ray.config import EngineConfig, RewardModelConfig, RunConfig, resolve_path
 from dromedary_ray.data.salmon_schemas import PreferenceRow, RMExampleRow, RMSummaryRow
 from dromedary_ray.data.schemas import RejectRow
 from dromedary_ray.data.store import file_digest
@@ -45,6 +46,9 @@ from dromedary_ray.errors import StageError
 from dromedary_ray.salmon_principles import SalmonPrincipleSet, load_salmon_principles
 from dromedary_ray.stages.base import StageContext, sft_stage
 from dromedary_ray.stages.sft import check_local_run_dir
+
+if TYPE_CHECKING:
+    from dromedary_ray.engines.reward import RewardScorer
 
 INPUT = "preferences"
 EXAMPLES_FILE = "examples.parquet"
@@ -232,23 +236,50 @@ def sample(items: list[Any], limit: int | None) -> list[Any]:
 def evaluate(model_dir: str, train_texts: list[tuple[str, str]],
              held_texts: list[tuple[str, str]], rm: RewardModelConfig
              ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Pairwise accuracy of the saved folder (a plain transformers forward).
+    """Pairwise accuracy of the saved folder (the transformers reward scorer).
 
     A model trained on GPUs is scored by one Ray task holding a GPU, not on the driver (which
     may sit on a CPU-only head node); one trained on CPUs is small, and scoring it here saves
     a worker start.
     """
-    from dromedary_ray.runtime.reward_scorer import evaluate_pair_sets
-
     sets = {"train": train_texts, "heldout": held_texts}
+    # Every kept input fits train.max_seq_len (encode_pairs dropped the longer ones).
+    engine = EngineConfig(max_model_len=max(64, rm.train.max_seq_len))
     if rm.train.use_gpu:
         import ray
 
         task = ray.remote(num_cpus=rm.train.cpus_per_worker, num_gpus=1)(evaluate_pair_sets)
-        out = ray.get(task.remote(model_dir, sets, batch_size=rm.eval_batch_size))
+        out = ray.get(task.remote(model_dir, sets, engine, batch_size=rm.eval_batch_size))
     else:
-        out = evaluate_pair_sets(model_dir, sets, batch_size=rm.eval_batch_size)
+        out = evaluate_pair_sets(model_dir, sets, engine, batch_size=rm.eval_batch_size)
     return out["train"], out["heldout"]
+
+
+def evaluate_pair_sets(model_dir: str, sets: dict[str, Sequence[tuple[str, str]]],
+                       engine: EngineConfig, *, batch_size: int | None = None
+                       ) -> dict[str, dict[str, Any]]:
+    """`pairwise_accuracy_of` for each named set of pairs, loading the model once (on cuda
+    when this process sees a GPU). A plain function so that a Ray task can run it where the
+    training ran."""
+    from dromedary_ray.engines.reward import make_reward_scorer
+
+    scorer = make_reward_scorer(model_dir, "transformers", engine, batch_size=batch_size)
+    try:
+        return {name: pairwise_accuracy_of(scorer, pairs) for name, pairs in sets.items()}
+    finally:
+        scorer.close()
+
+
+def pairwise_accuracy_of(scorer: RewardScorer, pairs: Sequence[tuple[str, str]]
+                         ) -> dict[str, Any]:
+    """Share of (chosen, rejected) text pairs ranked right (strictly higher), and the mean
+    score margin; None for no pairs."""
+    if not pairs:
+        return {"accuracy": None, "pairs": 0, "mean_margin": None}
+    flat = scorer.score([t for pair in pairs for t in pair])
+    margins = [c - r for c, r in zip(flat[0::2], flat[1::2], strict=True)]
+    return {"accuracy": sum(1 for m in margins if m > 0) / len(pairs), "pairs": len(pairs),
+            "mean_margin": sum(margins) / len(pairs)}
 
 
 def _round(x: float | None) -> float | None:
