@@ -23,6 +23,11 @@ from dromedary_ray.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# What yaml.safe_load raises besides YAMLError: its constructors for explicit tags fail with plain
+# Python errors (`!!float abc`, `!!int ''`, `!!timestamp x`, `!!bool x`), and its recursive
+# composer overflows on deep nesting. All mean "not valid YAML".
+YAML_CONSTRUCTOR_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError,
+                           RecursionError)
 
 
 def _check(cond: bool, key: str, why: str) -> None:
@@ -613,11 +618,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except YAML_CONSTRUCTOR_ERRORS as err:
+            raise ConfigError(f"{path}: not valid YAML: a bad !!tag value or nesting too deep "
+                              f"({type(err).__name__}: {err})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys")
     for item in overrides:
@@ -631,8 +641,8 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like key=value")
     try:
         value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
+    except (yaml.YAMLError, *YAML_CONSTRUCTOR_ERRORS):
+        value = raw  # not YAML: the string as written (`!!int abc` included)
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
@@ -651,7 +661,7 @@ def build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be ints, bools, null
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (valid: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}

@@ -7,13 +7,14 @@ naming the file, the line (for JSONL) or the key path (for YAML), and what is wr
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dromedary_ray.config import resolve_path
+from dromedary_ray.config import YAML_CONSTRUCTOR_ERRORS, resolve_path
 from dromedary_ray.errors import InputFileError, read_input_text
 
 
@@ -64,6 +65,9 @@ def read_yaml(path: Path) -> Any:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(err, "problem", err)
         raise InputFileError(str(path), f"invalid YAML: {problem}", line) from None
+    except YAML_CONSTRUCTOR_ERRORS as err:  # a bad explicit tag or too deep: no line known
+        what = f"invalid YAML: a bad !!tag value or nesting too deep ({type(err).__name__}: {err})"
+        raise InputFileError(str(path), what) from None
 
 
 def _field(path: Path, node: Any, key: str, where: str, kind: type = str) -> Any:
@@ -124,7 +128,9 @@ def load_seed_tasks(path: str | Path) -> list[SeedTask]:
     `id` may be absent (users' own files): the line number stands in. Blank lines are skipped.
     """
     p = resolve_path(str(path))
-    lines = read_input_text(p).splitlines()
+    # Not str.splitlines: it also splits at U+2028, U+0085 and \x1c, which JSON strings may
+    # hold raw (ensure_ascii=False), cutting a valid line in two.
+    lines = re.split(r"\r\n|\r|\n", read_input_text(p))
     tasks, seen = [], set()
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -145,6 +151,8 @@ def _parse_seed_line(p: Path, n: int, line: str) -> SeedTask:
     except json.JSONDecodeError as err:
         what = f"not valid JSON ({err.msg} at column {err.colno})"
         raise InputFileError(str(p), what, n) from None
+    except (ValueError, RecursionError) as err:  # a number over 4,300 digits, nesting too deep
+        raise InputFileError(str(p), f"not valid JSON ({type(err).__name__}: {err})", n) from None
     if not isinstance(row, dict):
         raise InputFileError(str(p), "each line must be a JSON object", n)
     instruction = row.get("instruction")

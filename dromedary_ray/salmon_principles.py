@@ -165,10 +165,16 @@ def _template(p: Path, node: dict, where: str, required: frozenset[str]) -> str:
     text = _field(p, node, "template", where)
     key = f"{where}.template"
     try:
-        found = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text)
+                  if f is not None]
     except ValueError as err:  # a lone "{" or "}"
         raise InputFileError(str(p), f"not a valid template ({err}); write literal braces "
                              "as {{ and }}", key=key) from None
+    found = {f for f, _, _ in fields}
+    # `{prompt!x}` or `{response:d}` parses but fails in .format() at render time, hours later.
+    if odd := [f for f, spec, conv in fields if spec or conv]:
+        raise InputFileError(str(p), f"placeholder {odd[0]!r} has a conversion or format spec; "
+                             "write placeholders as plain {name}", key=key)
     if missing := required - found:
         raise InputFileError(str(p), f"missing placeholder(s) {sorted(missing)}", key=key)
     if unknown := found - required:

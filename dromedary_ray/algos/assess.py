@@ -50,7 +50,8 @@ def parse_grade(text: str, min_score: int, max_score: int) -> Grade:
     if not first_line or not match:
         return Grade(None, REJECT_GRADE_MISSING)
     value, denominator, rest = float(match[1]), match[2], match[3]
-    if denominator is not None and int(denominator) != max_score:
+    # A denominator over 4,300 digits is more than int() converts; no grade has 4 digits.
+    if denominator is not None and (len(denominator) > 3 or int(denominator) != max_score):
         return Grade(None, REJECT_GRADE_UNPARSEABLE)
     rest = rest.strip()
     if rest and (rest[0] not in ".,:;)-" or any(ch.isdigit() for ch in rest)):

@@ -75,11 +75,16 @@ def read_json(path: Path) -> Any:
     except json.JSONDecodeError as err:
         what = f"not valid JSON ({err.msg} at column {err.colno})"
         raise InputFileError(str(path), what, err.lineno) from None
+    except (ValueError, RecursionError) as err:  # a number over 4,300 digits, nesting too deep
+        what = f"not valid JSON ({type(err).__name__}: {err})"
+        raise InputFileError(str(path), what) from None
 
 
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(line number, parsed object) for each non-blank line."""
-    lines = read_input_text(path).splitlines()
+    # Not str.splitlines: it also splits at U+2028, U+0085 and \x1c, which JSON strings may
+    # hold raw (ensure_ascii=False), cutting a valid line in two.
+    lines = re.split(r"\r\n|\r|\n", read_input_text(path))
     rows = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -89,6 +94,9 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
         except json.JSONDecodeError as err:
             what = f"not valid JSON ({err.msg} at column {err.colno})"
             raise InputFileError(str(path), what, n) from None
+        except (ValueError, RecursionError) as err:
+            raise InputFileError(str(path), f"not valid JSON ({type(err).__name__}: {err})",
+                                 n) from None
     if not rows:
         raise InputFileError(str(path), "no items in file")
     return rows

@@ -162,7 +162,7 @@ def validate(check: Any) -> tuple[str, str] | None:
     if not isinstance(check, dict):
         return "", "expected an object with a `kind`"
     kind = check.get("kind")
-    if kind not in CHECKS:
+    if not isinstance(kind, str) or kind not in CHECKS:  # a list or object is unhashable
         return "kind", f"unknown check kind {kind!r} (known: {', '.join(sorted(CHECKS))})"
     spec = CHECKS[kind]
     allowed = {"kind", *spec.required, *spec.optional}

@@ -78,7 +78,8 @@ def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
                             f"{limits.max_body_bytes}", None, "body_too_large")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    # ValueError also covers a number over 4,300 digits; RecursionError, nesting too deep.
+    except (ValueError, RecursionError) as err:
         what = f"request body is not valid JSON: {err}"
         raise ApiError(400, what, None, "invalid_json") from None
     if not isinstance(data, dict):
