@@ -69,6 +69,7 @@ def test_answers_a_chat_request(server):
     assert body["usage"]["completion_tokens"] == 12  # random weights never stop early
     assert isinstance(body["choices"][0]["message"]["content"], str)
     assert body["choices"][0]["finish_reason"] == "length"
+    assert resp.headers["server-timing"].startswith("engine;dur=")
 
 
 def test_streams_tokens(server):

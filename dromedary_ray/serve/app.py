@@ -26,6 +26,7 @@ from dromedary_ray.serve.api import (
     ApiError,
     ChatRequest,
     Limits,
+    chat_openapi,
     check_auth,
     check_prompt_length,
     chunk_body,
@@ -35,6 +36,13 @@ from dromedary_ray.serve.api import (
 )
 
 fastapi_app = FastAPI(title="dromedary-ray")
+
+# Ray runs worker processes at nice 15 (so they yield to its GCS and raylet), and the vLLM engine
+# processes a replica starts inherit that: whenever a normal-priority process wants its cores
+# (Ray's own daemons included) the engine all but stops. With one busy nice-0 process on one of
+# two cores, 16 tokens took 27.5 s at nice 15 and 1.5 s at nice 0. A replica is a latency-bound
+# server, so it runs at normal priority, as Ray's own job supervisor does.
+REPLICA_ENV_VARS = {"RAY_worker_niceness": "0"}
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
@@ -65,7 +73,7 @@ class ChatServer:
         return JSONResponse({"object": "list", "data": [
             {"id": self.limits.served_model, "object": "model", "owned_by": "dromedary-ray"}]})
 
-    @fastapi_app.post("/v1/chat/completions")
+    @fastapi_app.post("/v1/chat/completions", openapi_extra=chat_openapi())
     async def chat(self, request: Request):
         try:
             self._auth(request)
@@ -86,16 +94,17 @@ class ChatServer:
         if req.stream:
             return StreamingResponse(self._stream(prompt_ids, params, req_id, created),
                                      media_type="text/event-stream")
-        return JSONResponse(await self._complete(prompt_ids, params, req_id, created))
+        start = time.perf_counter()
+        body = await self._complete(prompt_ids, params, req_id, created)
+        # W3C Server-Timing: the engine's share of the request, so a client can tell generation
+        # time from HTTP + Serve time (benchmarks/serve.py does).
+        engine_ms = (time.perf_counter() - start) * 1000
+        return JSONResponse(body, headers={"Server-Timing": f"engine;dur={engine_ms:.1f}"})
 
     def _encode(self, req: ChatRequest) -> list[int]:
-        messages = [m.model_dump() for m in req.messages]
-        if getattr(self.tokenizer, "chat_template", None):
-            return list(self.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, return_dict=False))
-        from dromedary_ray.prompts import render_chat
+        from dromedary_ray.serve.engine import encode_chat
 
-        return self.tokenizer(render_chat(self.tokenizer, messages)).input_ids
+        return encode_chat(self.tokenizer, [m.model_dump() for m in req.messages])
 
     async def _complete(self, prompt_ids: list[int], params: Any, req_id: str,
                         created: int) -> dict[str, Any]:
@@ -144,7 +153,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     api_key = os.environ.get(key_env) if key_env else None
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cfg.cpus_per_engine,
-                              "num_gpus": cfg.gpus_per_engine or 0},
+                              "num_gpus": cfg.gpus_per_engine or 0,
+                              "runtime_env": {"env_vars": dict(REPLICA_ENV_VARS)}},
     }
     if "autoscaling_config" in args:
         options["autoscaling_config"] = args["autoscaling_config"]

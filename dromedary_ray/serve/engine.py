@@ -13,6 +13,16 @@ from dromedary_ray.config import EngineConfig
 from dromedary_ray.serve.api import ChatRequest
 
 
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt token ids of a chat, ready for the assistant's turn (the model's template if any)."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+    from dromedary_ray.prompts import render_chat
+
+    return tokenizer(render_chat(tokenizer, messages)).input_ids
+
+
 def sampling_params(req: ChatRequest, max_tokens: int) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
