@@ -1,5 +1,6 @@
 """I-SHEEP's pure parts: grade parsing, the expected score, the filter, rubrics, iterations."""
 
+import json
 import math
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from dromedary_ray.algos.assess import (
 from dromedary_ray.config import load_config
 from dromedary_ray.errors import ConfigError, InputFileError
 from dromedary_ray.pipeline.driver import stage_fingerprints
-from dromedary_ray.pipeline.isheep import iteration_config, iteration_dir
+from dromedary_ray.pipeline.isheep import grade_order, iteration_config, iteration_dir
 from dromedary_ray.principles import load_rubrics
 
 
@@ -85,6 +86,13 @@ def test_histogram_rounds_and_lists_every_grade():
     hist = histogram([1.0, 9.4, 9.6, 10.0, 8.5], 1, 10)
     assert list(hist) == [str(g) for g in range(1, 11)]
     assert hist["1"] == 1 and hist["9"] == 2 and hist["10"] == 2 and sum(hist.values()) == 5
+
+
+def test_plotted_grades_keep_numeric_order_after_a_json_round_trip():
+    hist = histogram([10, 9, 2], 1, 10)
+    reread = json.loads(json.dumps(hist, sort_keys=True))  # as metrics.jsonl stores it
+    assert list(reread)[:2] == ["1", "10"]
+    assert grade_order(reread) == [str(g) for g in range(1, 11)]
 
 
 def test_shipped_rubrics_load_and_render():

@@ -183,6 +183,12 @@ def _tensorboard(folder: Path, records: list[dict[str, Any]]) -> None:
                     tb.add_histogram(f"isheep/{key}", grades, global_step=k)
 
 
+def grade_order(hist: dict[str, int]) -> list[str]:
+    """A histogram's grades in numeric order: manifests are written with sorted keys, which puts
+    "10" straight after "1"."""
+    return sorted(hist, key=float)
+
+
 def plot_iterations(records: list[dict[str, Any]], path: Path) -> None:
     """One figure: counts, kept share, answer length, loss and each rubric's grade histogram."""
     import matplotlib
@@ -202,14 +208,15 @@ def plot_iterations(records: list[dict[str, Any]], path: Path) -> None:
         for key in keys:
             ax.plot(its, [r.get(key) for r in records], marker="o", label=key)
         ax.set_title(title)
+        ax.set_xticks(its)  # whole iterations, not 1.25, 1.5, ...
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)
     for ax, name in zip(flat[len(panels):], rubrics, strict=False):
         hists = [r[f"{name}_hist"] for r in records]
-        grades = list(hists[0])
+        grades = grade_order(hists[0])
         width = 0.8 / len(hists)
         for j, (k, hist) in enumerate(zip(its, hists, strict=True)):
-            ax.bar([g + j * width for g in range(len(grades))], list(hist.values()), width,
+            ax.bar([g + j * width for g in range(len(grades))], [hist[g] for g in grades], width,
                    label=f"iter {k}")
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(grades))], grades)
         ax.set_title(f"{name} grades")
