@@ -98,3 +98,30 @@ def test_chat_loop_keeps_history_and_resets():
     assert seen == [["sys", "one"], ["sys", "one", "answer", "two"], ["sys", "three"]]
     assert transcript[-1] == {"role": "assistant", "content": "answer"}
     assert out.getvalue().count("model> answer") == 3
+
+
+def test_openapi_describes_the_chat_body():
+    """The route reads its raw body, so FastAPI alone would describe none; clients and the
+    schemathesis fuzz (tests/test_serve_fuzz.py) need the schema, with no dangling refs."""
+    import json
+
+    from dromedary_ray.serve.app import fastapi_app
+
+    doc = fastapi_app.openapi()
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]
+    assert body["required"] and schema["required"] == ["model", "messages"]
+    message = schema["properties"]["messages"]["items"]
+    assert message["properties"]["role"]["enum"] == ["system", "user", "assistant"]
+    assert "$ref" not in json.dumps(schema)
+
+
+def test_seed_outside_64_bits_is_a_400_naming_it():
+    """vLLM seeds a torch.Generator; a seed past 64 bits raised inside its engine process."""
+    limits = Limits("tiny", 512)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ApiError) as err:
+            parse_chat_request(json.dumps({**body, "seed": seed}).encode(), limits)
+        assert err.value.status == 400 and err.value.param == "seed"
+    assert parse_chat_request(json.dumps({**body, "seed": 2**63 - 1}).encode(), limits).seed

@@ -50,7 +50,9 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # The engine seeds a torch.Generator, which takes 64-bit values only: a larger seed
+    # raised inside vLLM's engine process, past all validation (a 500, not a 400).
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
 
@@ -97,6 +99,37 @@ def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
         raise ApiError(400, f"max_tokens: must be below the context length "
                             f"{limits.max_model_len}", "max_tokens")
     return req
+
+
+def chat_openapi() -> dict[str, Any]:
+    """The OpenAPI description of POST /v1/chat/completions's body and answers.
+
+    The route reads the raw body itself (so that every bad body gets our 4xx, not FastAPI's
+    422), which leaves FastAPI nothing to describe; this puts the schema back, so clients and
+    fuzzers (tests/test_serve_fuzz.py) see what the route accepts.
+    """
+    schema = ChatRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+    error = {"description": "an OpenAI-style error object naming the field at fault"}
+    return {
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _inline_refs(schema, defs)}}},
+        "responses": {"200": {"description": "a chat.completion, or a text/event-stream of "
+                                             "chat.completion.chunk events when stream is true"},
+                      **{code: error for code in ("400", "401", "404", "413")}},
+    }
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """Replace pydantic's local `#/$defs/X` references, which OpenAPI cannot resolve here."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
 
 
 def check_prompt_length(prompt_tokens: int, max_tokens: int, limits: Limits) -> None:
