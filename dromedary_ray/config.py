@@ -80,9 +80,14 @@ class EngineConfig:
     # Run vLLM's engine core inside the worker process (tensor parallel 1 only): a killed
     # worker then leaves no orphaned engine process behind, and start-up is ~15 s shorter.
     in_process: bool = True
+    # Seconds one engine call (one batch's generate) may take before the stage fails with an
+    # error naming it, instead of hanging the run (engines/timeout.py). A 16-row batch of
+    # 1,024-token answers takes ~1-3 minutes on a CPU engine; GPUs are far faster.
+    call_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         _check(self.backend in ("vllm", "transformers"), "backend", "must be vllm or transformers")
+        _check(self.call_timeout_s > 0, "call_timeout_s", "must be > 0 (seconds)")
         _check(self.dtype in ("float32", "bfloat16", "float16", "auto"), "dtype",
                "must be float32, bfloat16, float16 or auto")
         _check(self.max_model_len >= 64, "max_model_len", "must be >= 64")
@@ -95,13 +100,30 @@ class EngineConfig:
                "needs tensor_parallel_size 1 (set in_process: false for tensor parallelism)")
 
 
+# Resources Ray defines itself: a pool marker must be a custom resource, or it marks nothing.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # None: start a local cluster on 127.0.0.1
     num_cpus: int | None = None  # logical CPUs of a local cluster (None: the machine's count)
+    # The custom resource that marks the node pool each kind of work must land on (cluster/
+    # aws.yaml: pool_generation, pool_training). Generation engines ask for one unit per GPU
+    # they hold (one if they hold none), Ray Train workers one unit each, so the autoscaler
+    # grows exactly that pool. None: no marker asked for (a local run, or one GPU pool).
+    generation_pool: str | None = None
+    training_pool: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", "must be >= 1")
+        for key in ("generation_pool", "training_pool"):
+            name = getattr(self, key)
+            _check(name is None or (name != "" and name.split() == [name]), key,
+                   f"must be a resource name without spaces, got {name!r}")
+            _check(name not in RAY_BUILTIN_RESOURCES, key,
+                   f"{name!r} is one of Ray's own resources; name the pool's custom resource "
+                   "(e.g. pool_generation)")
 
 
 @dataclass(frozen=True)
@@ -406,6 +428,23 @@ class RewardModelConfig:
 
 
 @dataclass(frozen=True)
+class PPOLoRAConfig:
+    """A LoRA adapter for PPO (`ppo.lora`): the fields mean what TrainConfig's `lora_*` fields
+    mean for fine-tuning, and the trainer builds its peft config through the same helper."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0  # PPO's ratios want the same network at rollout and update
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.rank <= 512, "rank", "must be in [1, 512] (vLLM's largest adapter)")
+        _check(self.alpha >= 1, "alpha", "must be >= 1")
+        _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _check(len(self.target_modules) >= 1, "target_modules", "name at least one module")
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     """SALMON's RL stage (§3.3): PPO on the SFT policy against the principle-following reward
     model. Each prompt is scored under principles drawn by its prompt type plus (by default)
@@ -443,6 +482,18 @@ class PPOConfig:
     checkpoint_every_steps: int = 10
     reward_backend: str = "vllm"  # vllm (pooling runner) | transformers
     seed: int = 0  # prompt order, principle draws, sampling seeds, minibatch order
+    # torch: policy, critic and reference in one process (runtime/ppo/trainer.py);
+    # deepspeed: `trainer_workers` ranks under DeepSpeed ZeRO-3 (runtime/ppo/ds_trainer.py),
+    # each training on its share of every minibatch.
+    trainer: str = "torch"
+    trainer_workers: int = 1  # deepspeed only; divides mini_batch_size
+    # deepspeed only: rows per forward/backward on a rank; a rank's share of a minibatch
+    # (mini_batch_size / trainer_workers) is accumulated over these. None: the whole share.
+    micro_batch_size: int | None = None
+    bf16: bool = False  # deepspeed only: bf16 weights with fp32 master copies (GPUs)
+    gradient_checkpointing: bool = False  # deepspeed only
+    lora: PPOLoRAConfig | None = None  # None: full weights; else policy and critic adapters
+    rollout_engines: int | None = None  # None: engine.num_engines (the generation stages')
 
     def __post_init__(self) -> None:
         _check(self.principles_per_prompt >= 1, "principles_per_prompt", "must be >= 1")
@@ -480,6 +531,43 @@ class PPOConfig:
         _check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
         _check(self.reward_backend in ("vllm", "transformers"), "reward_backend",
                "must be vllm or transformers")
+        _check(self.trainer in ("torch", "deepspeed"), "trainer", "must be torch or deepspeed")
+        _check(self.trainer_workers >= 1, "trainer_workers", "must be >= 1")
+        _check(self.trainer == "deepspeed" or self.trainer_workers == 1, "trainer_workers",
+               "must be 1 for trainer torch (one process); set trainer: deepspeed")
+        _check(self.trainer == "deepspeed" or not (self.bf16 or self.gradient_checkpointing),
+               "bf16", "bf16 and gradient_checkpointing are deepspeed trainer settings")
+        _check(self.mini_batch_size % self.trainer_workers == 0, "trainer_workers",
+               f"must divide mini_batch_size {self.mini_batch_size}: every rank takes an "
+               "equal share of each minibatch (ZeRO-3 forwards are collective)")
+        share = self.mini_batch_size // self.trainer_workers
+        _check(self.micro_batch_size is None or (self.micro_batch_size >= 1
+                                                 and share % self.micro_batch_size == 0),
+               "micro_batch_size", f"must divide a rank's {share} rows per minibatch "
+               "(mini_batch_size / trainer_workers)")
+        _check(self.trainer == "deepspeed" or self.micro_batch_size is None, "micro_batch_size",
+               "is a deepspeed trainer setting (the torch trainer takes whole minibatches)")
+        _check(self.rollout_engines is None or self.rollout_engines >= 1, "rollout_engines",
+               "must be >= 1 (or null for engine.num_engines)")
+
+    def train_config(self, engine: EngineConfig) -> TrainConfig:
+        """The TrainConfig the DeepSpeed trainer group runs with, derived from these fields.
+
+        One source for the runtime (`train_common` helpers build the DeepSpeed and peft
+        configs from it) and the planner (memory and time); not a user-facing section.
+        Workers sit on GPUs when the rollout engines do, with an engine's share of CPUs.
+        """
+        lora = self.lora or PPOLoRAConfig()
+        rows_per_rank = self.micro_batch_size or self.mini_batch_size // self.trainer_workers
+        return TrainConfig(
+            method="lora" if self.lora else "full", lora_rank=lora.rank, lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout, lora_target_modules=lora.target_modules,
+            num_workers=self.trainer_workers, use_gpu=engine.gpus_per_engine > 0,
+            cpus_per_worker=engine.cpus_per_engine, epochs=self.ppo_epochs,
+            learning_rate=self.learning_rate, max_grad_norm=self.max_grad_norm,
+            micro_batch_size=rows_per_rank, max_seq_len=engine.max_model_len, zero_stage=3,
+            bf16=self.bf16, gradient_checkpointing=self.gradient_checkpointing, seed=self.seed,
+            warmup_ratio=0.0)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,21 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def tiny_dromedary_run(tmp_path_factory):
+    """One plain `dromedary run` of the tiny `dromedary` recipe (tiny_run.tiny_dromedary), made
+    once: test_recipe checks it and reruns it, test_autoscale compares a Ray job's outputs to it
+    (~5 min saved per extra user)."""
+    from tiny_run import dromedary, tiny_dromedary
+
+    from dromedary_ray.config import PROJECT_ROOT
+
+    run = tmp_path_factory.mktemp("tiny_dromedary") / "run"
+    out = dromedary("run", str(PROJECT_ROOT / "configs/local.yaml"), "--run-dir", str(run),
+                    *tiny_dromedary())
+    return run, out
+
+
+@pytest.fixture(scope="session")
 def tiny_reward_model(tiny_model, tmp_path_factory) -> str:
     """A one-label LlamaForSequenceClassification on the tiny model, random score head: what
     the reward_model stage writes, in shape."""

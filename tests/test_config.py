@@ -103,3 +103,37 @@ def test_resolved_config_round_trips(tmp_path: Path):
 def test_sampling_validation_raises_instead_of_fixing():
     with pytest.raises(ConfigError, match="temperature"):
         SamplingConfig(temperature=-1)
+
+
+def test_pool_markers_default_to_none_and_reach_the_resource_requests():
+    from dromedary_ray.runtime.cluster import pool_resources, use_pools
+
+    plain = load_config(CONFIGS / "local.yaml")
+    assert (plain.ray.generation_pool, plain.ray.training_pool) == (None, None)
+    use_pools(plain.ray)
+    assert pool_resources("generation", 1) == {} and pool_resources("training", 1) == {}
+    cfg = load_config(CONFIGS / "local.yaml", ["ray.generation_pool=pool_generation",
+                                               "ray.training_pool=pool_training"])
+    try:
+        use_pools(cfg.ray)
+        assert pool_resources("generation", 4) == {"pool_generation": 4}  # one unit per GPU
+        assert pool_resources("training", 1) == {"pool_training": 1}
+        with pytest.raises(ValueError, match="pool kind"):
+            pool_resources("serving", 1)
+    finally:
+        use_pools(plain.ray)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ray.generation_pool=GPU", r"ray\.generation_pool: 'GPU' is one of Ray's own"),
+        ("ray.training_pool=CPU", r"ray\.training_pool: 'CPU' is one of Ray's own"),
+        ("ray.training_pool=''", r"ray\.training_pool: must be a resource name"),
+        ("ray.generation_pool='pool generation'", r"ray\.generation_pool: must be a resource"),
+        ("ray.generation_pool=3", r"ray\.generation_pool: expected str"),
+    ],
+)
+def test_pool_markers_are_validated_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "local.yaml", [override])

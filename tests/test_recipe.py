@@ -6,31 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_run import STOP, dromedary, tiny_synthesis, train
+from tiny_run import dromedary, tiny_dromedary
 
 from dromedary_ray.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-TRAIN = train(4)
-TINY = [
-    "recipe=dromedary", *tiny_synthesis(3072),
-    "self_align.min_answer_words=1", "self_align.max_thought_tokens=24",
-    "self_align.sampling.max_new_tokens=24", f"self_align.sampling.stop={STOP}",
-    "verbose_clone.min_answer_words=1", "verbose_clone.sampling.max_new_tokens=24",
-    f"verbose_clone.sampling.stop={STOP}",
-    *[f"engrave.train.{t}" for t in TRAIN], *[f"verbose_clone.train.{t}" for t in TRAIN],
-]
+TINY = tiny_dromedary()
 
 
 def manifest(run: Path, stage: str) -> dict:
     return json.loads((run / stage / "manifest.json").read_text())
 
 
-def test_dromedary_recipe_end_to_end_then_skips(tmp_path: Path):
-    run = tmp_path / "run"
-    first = dromedary("run", str(PROJECT_ROOT / "configs/local.yaml"), "--run-dir", str(run),
-                      *TINY)
+def test_dromedary_recipe_end_to_end_then_skips(tiny_dromedary_run):
+    run, first = tiny_dromedary_run
     assert first.returncode == 0, first.stderr[-4000:]
     stages = ["synthesize", "self_align", "engrave", "verbose_clone"]
     for stage in stages:

@@ -43,3 +43,17 @@ def dromedary(*args: str, env: dict | None = None) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "-m", "dromedary_ray.cli", *args],
                           env=env or dict(os.environ), capture_output=True, text=True,
                           timeout=1500)
+
+
+def tiny_dromedary(train_steps: int = 4) -> list[str]:
+    """The whole `dromedary` recipe on the tiny model: a few prompts, short answers, a few
+    optimizer steps per fine-tune (tests/test_recipe.py, tests/test_autoscale.py)."""
+    steps = train(train_steps)
+    return [
+        "recipe=dromedary", *tiny_synthesis(3072),
+        "self_align.min_answer_words=1", "self_align.max_thought_tokens=24",
+        "self_align.sampling.max_new_tokens=24", f"self_align.sampling.stop={STOP}",
+        "verbose_clone.min_answer_words=1", "verbose_clone.sampling.max_new_tokens=24",
+        f"verbose_clone.sampling.stop={STOP}",
+        *[f"engrave.train.{t}" for t in steps], *[f"verbose_clone.train.{t}" for t in steps],
+    ]

@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TABLES = ("data", "rejects")
+TMP_PREFIX = "."  # temporaries of atomic writes: hidden from readers, swept on resume
 
 
 def fingerprint(obj: Any) -> str:
@@ -88,7 +89,11 @@ class StageStore:
         if not self.is_local:
             write(path)
             return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        folder, base = path.rsplit("/", 1)
+        # A leading dot: pyarrow's dataset discovery skips dot-files, so a plain
+        # `pq.read_table(<stage>/data)` never trips over a half-written temporary (it raised
+        # "magic bytes not found" on one); `drop_uncommitted` deletes those a crash left.
+        tmp = f"{folder}/{TMP_PREFIX}{base}.tmp-{uuid.uuid4().hex[:8]}"
         write(tmp)
         os.replace(tmp, path)
 
@@ -115,11 +120,23 @@ class StageStore:
         return sorted(set(self._names("data")) & set(self._names("rejects")))
 
     def drop_uncommitted(self) -> int:
-        """Delete half-written shards (rejects without data) left by a crash; returns count."""
+        """Delete half-written shards (rejects without data) and the temporaries of writes a
+        crash cut short; returns the number of shards dropped."""
         orphans = set(self._names("rejects")) - set(self._names("data"))
         for name in orphans:
             self.fs.delete_file(self._names("rejects")[name])
+        for path in self._temporaries():
+            self.fs.delete_file(path)
         return len(orphans)
+
+    def _temporaries(self) -> list[str]:
+        found = []
+        for folder in (self.root, *(f"{self.root}/{t}" for t in TABLES)):
+            selector = pafs.FileSelector(folder, allow_not_found=True)
+            found += [i.path for i in self.fs.get_file_info(selector)
+                      if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX)
+                      and ".tmp-" in i.base_name]
+        return found
 
     def read(
         self, table_name: str, schema: pa.Schema, columns: list[str] | None = None

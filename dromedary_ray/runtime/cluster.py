@@ -12,11 +12,25 @@ log = logging.getLogger(__name__)
 
 # Engines log every request at INFO; the driver's own progress bar says what matters.
 WORKER_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
+POOL_KINDS = ("generation", "training")
+
+# The pool markers of the config this process connected with (kind -> custom resource). They
+# belong to the cluster connection, which Ray keeps per process too: kept here, the runners ask
+# for them without every stage threading the Ray config through to its resource requests.
+_pools: dict[str, str] = {}
+
+
+def use_pools(cfg: RayConfig) -> None:
+    """Ask for `cfg`'s pool markers from now on (none where it names none)."""
+    _pools.clear()
+    _pools.update({kind: name for kind, name in
+                   (("generation", cfg.generation_pool), ("training", cfg.training_pool)) if name})
 
 
 def connect(cfg: RayConfig) -> None:
     import ray
 
+    use_pools(cfg)  # also when already connected: the run's config decides, not an earlier one
     if ray.is_initialized():
         return
     # Without this Ray advertises a non-loopback address and its GCS listens on all interfaces.
@@ -39,8 +53,20 @@ def connect(cfg: RayConfig) -> None:
     )
 
 
+def pool_resources(kind: str, units: float) -> dict[str, float]:
+    """The custom resource that pins work of `kind` to its node pool, `units` of it; empty when
+    the connected config names no pool for that kind (local runs)."""
+    if kind not in POOL_KINDS:
+        raise ValueError(f"pool kind must be one of {POOL_KINDS}, got {kind!r}")
+    if units <= 0:
+        raise ValueError(f"pool units must be > 0, got {units}")
+    name = _pools.get(kind)
+    return {name: units} if name else {}
+
+
 def shutdown() -> None:
     import ray
 
+    _pools.clear()
     if ray.is_initialized():
         ray.shutdown()

@@ -1,18 +1,21 @@
-"""Fault injection for the reliability tests: a real process death at a named point.
+"""Fault injection for the reliability tests: a real process death, or a hang, at a named point.
 
 `DROMEDARY_FAULT="<point>:<n>:<marker>"` kills this process with SIGKILL the n-th time it
 reaches `point`, once per marker file (the file is created first, so a restarted worker or a
-resumed driver runs on). Unset, `maybe_die` costs one dictionary lookup.
+resumed driver runs on). `DROMEDARY_HANG="<point>:<seconds>"` makes every call reaching
+`point` block for that long (a hung engine). Unset, each hook costs one dictionary lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
 ENV = "DROMEDARY_FAULT"
+HANG_ENV = "DROMEDARY_HANG"
 _hits: Counter[str] = Counter()
 
 
@@ -30,6 +33,15 @@ def maybe_die(point: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def maybe_hang(point: str) -> None:
+    spec = os.environ.get(HANG_ENV)
+    if not spec:
+        return
+    target, seconds = spec.rsplit(":", 1)
+    if target == point:
+        time.sleep(float(seconds))
+
+
 def fault_env() -> dict[str, str]:
-    """The fault spec to pass on to Ray workers (empty when none is set)."""
-    return {ENV: os.environ[ENV]} if os.environ.get(ENV) else {}
+    """The fault specs to pass on to Ray workers (empty when none is set)."""
+    return {k: os.environ[k] for k in (ENV, HANG_ENV) if os.environ.get(k)}

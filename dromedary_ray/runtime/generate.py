@@ -14,8 +14,10 @@ measured slower here (see FIELD_NOTES.md).
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +27,7 @@ from dromedary_ray.config import EngineConfig
 from dromedary_ray.data.schemas import BatchSummary
 from dromedary_ray.data.store import StageStore, shard_name
 from dromedary_ray.engines.base import Engine
+from dromedary_ray.runtime.cluster import pool_resources
 from dromedary_ray.runtime.faults import fault_env, maybe_die
 
 log = logging.getLogger(__name__)
@@ -65,15 +68,18 @@ class GenerationWorker:
     def __init__(self, model_path: str, engine_cfg: EngineConfig, task: TaskSpec,
                  store: StageStore, seed: int):
         from dromedary_ray.engines import make_engine
+        from dromedary_ray.engines.timeout import BatchDeadline
 
         self.engine = make_engine(model_path, engine_cfg, seed=seed)
+        # A hung engine call fails the stage with a clear error instead of stalling the run.
+        self.deadline = BatchDeadline(engine_cfg.call_timeout_s, stage=store.stage)
         self.task = task.build(self.engine.tokenizer)
         self.store = store
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start, started = time.perf_counter(), time.time()
         ids = batch["id"].to_pylist()
-        result = self.task.process(self.engine, batch)
+        result = self.deadline.run(lambda: self.task.process(self.engine, batch), len(ids))
         maybe_die("worker_batch")  # fault tests: die after the work, before the commit
         name = shard_name(ids)
         self.store.write_shard(result.kept, result.rejects, name)
@@ -121,10 +127,14 @@ def run_generation(
         compute=ray.data.ActorPoolStrategy(size=engine_cfg.num_engines),
         num_cpus=engine_cfg.cpus_per_engine,
         num_gpus=engine_cfg.gpus_per_engine or None,
+        # The generation pool's marker, one unit per GPU (one for a CPU engine): without it
+        # the autoscaler may grow any pool whose nodes have the engine's CPUs and GPUs.
+        resources=pool_resources("generation", engine_cfg.gpus_per_engine or 1) or None,
         runtime_env={"env_vars": fault_env()},
     )
     summaries: list[BatchSummary] = []
-    with tqdm(total=rows.num_rows, desc=desc, unit="row", dynamic_ncols=True) as bar:
+    with tqdm(total=rows.num_rows, desc=desc, unit="row", dynamic_ncols=True) as bar, \
+            _engine_timeouts_raised_plainly():
         for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for summary in BatchSummary.from_table(out):
                 summaries.append(summary)
@@ -135,3 +145,36 @@ def run_generation(
                 if on_batch:
                     on_batch(summary)
     return summaries
+
+
+@contextmanager
+def _engine_timeouts_raised_plainly() -> Iterator[None]:
+    """Re-raise a worker's EngineTimeoutError as itself. Ray Data wraps a worker's exception
+    in its own task-error types, which the CLI would print as a long traceback; ours carries
+    the message the user needs (stage, limit, the setting to change)."""
+    from dromedary_ray.engines.timeout import EngineTimeoutError
+
+    try:
+        yield
+    except Exception as err:
+        found = _find_in_chain(err, EngineTimeoutError)
+        # Across processes the chain may be lost in pickling; the worker's traceback text,
+        # which Ray keeps in the message, still names our error.
+        text = re.search(r"EngineTimeoutError: (.+)", str(err))
+        if found is None and text is None:
+            raise
+        raise EngineTimeoutError(str(found) if found else text.group(1)) from err
+
+
+def _find_in_chain(err: BaseException, kind: type) -> BaseException | None:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None

@@ -90,11 +90,14 @@ def fit(loop: Callable[[dict[str, Any]], Any], config: dict[str, Any], cfg: Trai
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dromedary_ray.runtime.cluster import pool_resources  # one unit per worker (= per GPU)
+
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                           **pool_resources("training", 1)}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             storage_path=str(out.parent / "ray_train"), name=run_name,
@@ -225,6 +228,33 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, hidden_size: int) -> di
         "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 1 << 30,  # we log ourselves; DeepSpeed's own lines would flood
     }
+
+
+def constant_lr_config(cfg: TrainConfig, hidden_size: int, *, learning_rate: float | None,
+                       grad_accum: int, weight_decay: float = 0.0) -> dict[str, Any]:
+    """A DeepSpeed config with no learning-rate schedule (PPO's trainer group), or with
+    `learning_rate` None no optimizer at all: a frozen model that only runs forwards under the
+    same ZeRO stage (PPO's reference). AdamW is torch's (`torch_adam`), so no op compiles and
+    the update is the one the one-process PPO trainer makes.
+    """
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero_config(cfg.zero_stage, hidden_size),
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 1 << 30,
+    }
+    if learning_rate is not None:
+        out["gradient_clipping"] = cfg.max_grad_norm
+        out["optimizer"] = {"type": "AdamW", "params": {
+            "lr": learning_rate, "weight_decay": weight_decay, "torch_adam": True}}
+    return out
+
+
+def passed_env() -> dict[str, str]:
+    """The environment a training process on another worker needs from the driver's: the
+    fault spec of the reliability tests, the compiled-op cache and the model cache."""
+    return {**fault_env(), **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
 
 
 def zero_config(stage: int, hidden_size: int) -> dict[str, Any]:
