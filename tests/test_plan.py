@@ -4,6 +4,7 @@ DeepSpeed comparison imports deepspeed, a few seconds once)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -15,6 +16,8 @@ from dromedary_ray.config import (
     PROJECT_ROOT,
     EngineConfig,
     PlanConfig,
+    PPOConfig,
+    PPOLoRAConfig,
     SamplingConfig,
     SeedsConfig,
     TrainConfig,
@@ -253,23 +256,64 @@ def test_ppo_holds_rollout_engines_and_trainers_at_once():
         model="meta-llama/Llama-2-70b-hf", recipe="ppo_only", stages=("seeds", "ppo"),
         plan=PlanConfig(prompts=10_000), seeds=SeedsConfig(),
         engine=EngineConfig(dtype="bfloat16", tensor_parallel_size=4, gpus_per_engine=4,
-                            in_process=False, num_engines=2, batch_size=64),
-        ppo=SimpleNamespace(
-            sampling=SamplingConfig(max_new_tokens=256),
-            train=TrainConfig(method="lora", num_workers=8, use_gpu=True, bf16=True,
-                              micro_batch_size=2, max_seq_len=1024, gradient_checkpointing=True)))
+                            in_process=False, num_engines=2, batch_size=64, max_model_len=1024),
+        ppo=PPOConfig(steps=20, prompts_per_step=64, mini_batch_size=32, trainer="deepspeed",
+                      trainer_workers=8, micro_batch_size=2, bf16=True,
+                      gradient_checkpointing=True, lora=PPOLoRAConfig(rank=16),
+                      sampling=SamplingConfig(max_new_tokens=256)))
     plan = build_plan(config, cluster=str(CLUSTERS[0]))
     assert plan.fits, plan.problems
     (stage,) = [s for s in plan.stages if s.stage == "ppo"]
-    gen, train = stage.phases
-    assert (gen.pool, train.pool) == ("gpu_generation", "gpu_training")
-    # Two frozen bases (policy/reference, reward/value), each partitioned over 8 workers.
+    gen, score, train = stage.phases
+    assert [p.phase for p in stage.phases] == ["generate", "score", "train"]
+    assert (gen.pool, score.pool, train.pool) == ("gpu_generation", "gpu_generation",
+                                                  "gpu_training")
+    assert (gen.gpus, score.gpus, train.gpus) == (8, 4, 8)  # 2 TP4 rollouts, a TP4 RM, 8 ranks
+    # Two frozen bases (policy/reference, value), each partitioned over 8 workers.
     # r16 adapters: q and o are 8,192 -> 8,192, k and v 8,192 -> 1,024 (8 KV heads of 128).
     adapters = 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024)) * 80
     assert adapters == 65_536_000
     assert train.memory["weights"] == pytest.approx(2 * 2 * (68_976_648_192 + adapters) / 8)
-    assert gen.gpu_hours == pytest.approx(gen.billed_gpus * stage.hours)
-    assert train.gpu_hours == pytest.approx(train.billed_gpus * stage.hours)
+    assert "frozen_reference" not in train.memory  # LoRA: the base with its adapter off
+    for p in stage.phases:
+        assert p.gpu_hours == pytest.approx(p.billed_gpus * stage.hours)
+    assert stage.hours == pytest.approx(gen.hours + score.hours + train.hours)
+    # 20 x 64 rollouts of (30 chat + 48 query) + 256 tokens, two epochs.
+    assert train.detail["train_tokens"] == 20 * 64 * (30 + 48 + 256) * 2
+    full = training_memory(model_shapes()["llama-2-70b"],
+                           dataclasses.replace(config.ppo, lora=None).train_config(config.engine),
+                           ppo=True)
+    assert full["frozen_reference"] == pytest.approx(2 * 68_976_648_192 / 8)  # bf16, ZeRO-3
+
+
+def test_salmon_70b_plan_matches_its_config():
+    config = load_config(CONFIGS / "salmon-70b.yaml")
+    plan = build_plan(config, cluster=str(CLUSTERS[0]))
+    assert plan.fits, plan.problems
+    assert [s.stage for s in plan.stages] == list(config.stages)
+    phases = {(s.stage, p.phase): p for s in plan.stages for p in s.phases}
+    assert set(phases) >= {("preferences", "generate"), ("reward_model", "train"),
+                           ("ppo", "generate"), ("ppo", "score"), ("ppo", "train")}
+    train = phases[("ppo", "train")]
+    assert train.gpus == config.ppo.trainer_workers == 16
+    assert train.request == "16 workers x 1 GPU, LoRA r16, ZeRO-3"
+    assert phases[("ppo", "generate")].gpus == config.ppo.rollout_engines * 4
+    assert config.ppo.trainer == "deepspeed" and config.ppo.lora is not None
+
+
+def test_every_recipe_stage_has_a_stage_kind_that_matches_its_config():
+    """The planner's table covers every stage a recipe can run, and a training stage's config
+    section gives the planner a TrainConfig (a `train` block, or PPO's derived one)."""
+    from dromedary_ray.config import RECIPES, RunConfig
+    from dromedary_ray.plan.workload import train_section
+
+    config = RunConfig()
+    for recipe, stages in RECIPES.items():
+        for stage in stages:
+            kind = stage_kind(stage)
+            if kind.train:
+                assert isinstance(train_section(config, stage), TrainConfig), (recipe, stage)
+    assert stage_kind("ppo").concurrent and stage_kind("ppo").generate
 
 
 def test_unknown_stage_is_an_error_naming_it():

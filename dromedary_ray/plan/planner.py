@@ -11,8 +11,10 @@ phase has one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from dromedary_ray.plan import memory as mem
@@ -109,10 +111,13 @@ def build_plan(config: Any, *, cluster: str | None = None, gpu: str | None = Non
         flow = work.flow
         phases = []
         if work.gen is not None:
-            phases.append(_generation(name, config, shape, work.gen, pools, lone_gpu))
+            phases.append(_generation(name, _rollout_view(name, config), shape, work.gen,
+                                      pools, lone_gpu))
+        if work.score is not None:
+            phases.append(_scoring(name, config, shape, work.score, pools, lone_gpu))
         if work.train is not None:
             phases.append(_training(name, config, shape, work.train, pools, lone_gpu))
-        notes = [w.source for w in (work.gen, work.train) if w is not None]
+        notes = [w.source for w in (work.gen, work.score, work.train) if w is not None]
         label = "+".join(p.phase for p in phases) or "driver"
         stage = StagePlan(name, label, notes or ["runs in the driver, no GPU"], phases,
                           concurrent=kind.concurrent)
@@ -142,6 +147,36 @@ def _iterations(config: Any) -> int:
 
 
 # --- generation ------------------------------------------------------------------------------
+
+
+def _with_engine(config: Any, engine: Any) -> Any:
+    """`config` with another `engine` section (a run config, or a test's namespace)."""
+    if dataclasses.is_dataclass(config):
+        return dataclasses.replace(config, engine=engine)
+    return SimpleNamespace(**{**vars(config), "engine": engine})
+
+
+def _rollout_view(stage: str, config: Any) -> Any:
+    """PPO's rollouts run `ppo.rollout_engines` engines (when set), not the generation
+    stages' count: the rollout pool is held for the whole stage, beside the trainers."""
+    count = getattr(getattr(config, stage, None), "rollout_engines", None) \
+        if stage == "ppo" else None
+    if count is None:
+        return config
+    return _with_engine(config, dataclasses.replace(config.engine, num_engines=count))
+
+
+def _scoring(stage: str, config: Any, shape: ModelShape, work: GenWork, pools: list[Pool],
+             lone_gpu: str | None) -> PhasePlan:
+    """PPO's reward model: one engine (vLLM's pooling runner) with a generation engine's
+    GPUs and tensor parallelism, one forward per rollout. Planned as a one-engine generation
+    phase whose answers are one token long: weights, workspace and one sequence's KV cache."""
+    one = _with_engine(config, dataclasses.replace(config.engine, num_engines=1))
+    phase = _generation(stage, one, shape, work, pools, lone_gpu)
+    phase.phase = "score"
+    phase.request = "reward model: " + phase.request
+    phase.problems = [p.replace("(generate)", "(score)") for p in phase.problems]
+    return phase
 
 
 def _generation(stage: str, config: Any, shape: ModelShape, work: GenWork, pools: list[Pool],
@@ -266,8 +301,11 @@ def _training(stage: str, config: Any, shape: ModelShape, work: TrainWork, pools
     lora = train.method == "lora"
     flops = tp_model.training_flops(shape.params, tokens, lora=lora,
                                     checkpointing=train.gradient_checkpointing)
-    if concurrent:  # PPO: policy and value trained; reference, reward, old policy/value forward
-        flops = 2 * flops + 4 * tp_model.forward_flops(shape.params, tokens)
+    if concurrent:
+        # PPO: policy and value trained each epoch; one forward each of the old policy, the
+        # reference and the old values per rollout (the reward model is the score phase's).
+        once = tokens / max(work.epochs, 1)
+        flops = 2 * flops + 3 * tp_model.forward_flops(shape.params, once)
     seconds = tp_model.flops_seconds(flops, gpus=n, peak_tflops=gpu.bf16_tflops,
                                      mfu=config.plan.mfu)
     phase.hours = seconds / 3600
@@ -278,8 +316,9 @@ def _training(stage: str, config: Any, shape: ModelShape, work: TrainWork, pools
 def training_memory(shape: ModelShape, train: Any, *, ppo: bool = False) -> dict[str, float]:
     """Bytes per GPU of one Ray Train worker (ZeRO over `num_workers` GPUs).
 
-    PPO holds a trained policy and value model; full fine-tuning adds a frozen reference and
-    reward model, LoRA shares two frozen bases between the four (cluster/README.md §c).
+    PPO's trainer group holds a trained policy and value model; full fine-tuning adds a frozen
+    reference (partitioned like the rest), LoRA reads the reference from the policy's base with
+    its adapter off. The reward model scores in its own engine (the score phase).
     """
     n, stage, bf16 = train.num_workers, train.zero_stage, train.bf16
     lora = train.method == "lora"
@@ -308,7 +347,7 @@ def training_memory(shape: ModelShape, train: Any, *, ppo: bool = False) -> dict
         "logits": acts["logits"],
     }
     if ppo and not lora:
-        out["frozen_models"] = 2 * p_bytes * shape.params / (n if stage == 3 else 1)
+        out["frozen_reference"] = p_bytes * shape.params / (n if stage == 3 else 1)
     return out
 
 

@@ -2,9 +2,10 @@
 
 A stage generates (vLLM engines from the `engine` section), trains (Ray Train workers from its
 config section's `train` block), does both one after the other (verbose cloning: answer, then
-fine-tune), both at once (PPO: rollout engines beside the trainer group), or neither (`seeds`
-reads a file in the driver). A stage missing here is an error naming it, so a new stage cannot
-be planned as something it is not.
+fine-tune), both at once (PPO: rollout engines and a reward-model engine beside the trainer
+group, `workload._ppo` and `planner._scoring`), or neither (`seeds` reads a file in the
+driver). A stage missing here is an error naming it, so a new stage cannot be planned as
+something it is not.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ GENERIC_PROMPT = 512  # a stage with no model of its own prompt
 GENERIC_NEW_TOKENS = 256
 CHAT_TEMPLATE = 30  # a chat template's default system turn and role markers
 RUBRIC_PROMPT = 300  # an I-SHEEP grading rubric and its instructions
+# SALMON: a judging prompt (instructions, one principle, two replies' framing) and the reward
+# model's template with its principles (3 drawn + 6 intervention definitions at RL time).
+JUDGE_PROMPT = 250
+RM_PRINCIPLES = 450
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Work:
     gen: GenWork | None
     train: TrainWork | None
     flow: Flow
+    score: GenWork | None = None  # PPO: the reward model's forward passes over the rollouts
 
 
 def stage_work(stage: str, config: Any, flow: Flow) -> Work:
@@ -187,6 +192,61 @@ def _assess(config: Any, flow: Flow) -> Work:
     return Work(gen, None, Flow(flow.prompts, kept, flow.answer_tokens))
 
 
+def _preferences(config: Any, flow: Flow) -> Work:
+    """SALMON §3.1: two answers per prompt, then each pair judged under a few principles in
+    both orders, each judgment one forward pass that reads the choice letter (one token)."""
+    cfg = config.preferences
+    prompts = _prompts_in(flow, "preferences")
+    new = cfg.sampling.max_new_tokens
+    pairs = int(prompts * config.plan.keep_fraction)
+    judgments = pairs * cfg.principles_per_pair * 2
+    answer_prompt = CHAT_TEMPLATE + config.plan.query_tokens
+    judge_prompt = JUDGE_PROMPT + config.plan.query_tokens + 2 * new
+    requests = 2 * prompts + judgments
+    prompt = (2 * prompts * answer_prompt + judgments * judge_prompt) / requests
+    mean_new = (2 * prompts * new + judgments) / requests
+    gen = GenWork(requests, _prompt(config, "preferences", prompt), 0.0, mean_new,
+                  f"{2 * prompts:,} answers ({prompts:,} prompts x 2), {judgments:,} one-token "
+                  f"judgments ({pairs:,} pairs x {cfg.principles_per_pair} principles x 2 "
+                  "orders)")
+    return Work(gen, None, Flow(flow.prompts, pairs, new))
+
+
+def _reward_model(config: Any, flow: Flow) -> Work:
+    """SALMON §3.2: `draws_per_pair` principle-conditioned examples per judged pair, each a
+    chosen and a rejected sequence (principles + prompt + response)."""
+    cfg = config.reward_model
+    if flow.answers <= 0:
+        raise PlanError("stage 'reward_model': no judged pairs reach it (no preferences stage "
+                        "before it)")
+    per_side = RM_PRINCIPLES + config.plan.query_tokens + flow.answer_tokens
+    tokens = 2 * min(cfg.train.max_seq_len, per_side)
+    examples = flow.answers * cfg.draws_per_pair
+    train = TrainWork(examples, tokens, cfg.train.epochs, cfg.train.max_steps,
+                      f"{examples:,} examples ({flow.answers:,} pairs x {cfg.draws_per_pair} "
+                      f"draws), chosen + rejected <= {tokens} tokens x {cfg.train.epochs} "
+                      "epoch(s)")
+    return Work(None, train, flow)
+
+
+def _ppo(config: Any, flow: Flow) -> Work:
+    """SALMON §3.3: per step, rollouts from the engines, one RM forward per rollout, then
+    `ppo_epochs` passes of policy and value training over them (the stage's prompts are
+    sampled per step, so its size is steps x prompts_per_step, not the prompt table)."""
+    cfg = config.ppo
+    _prompts_in(flow, "ppo")
+    rollouts = cfg.steps * cfg.prompts_per_step * cfg.samples_per_prompt
+    prompt = _prompt(config, "ppo", CHAT_TEMPLATE + config.plan.query_tokens)
+    new = cfg.sampling.max_new_tokens
+    gen = GenWork(rollouts, prompt, 0.0, new,
+                  f"{rollouts:,} rollouts ({cfg.steps} steps x {cfg.prompts_per_step} prompts "
+                  f"x {cfg.samples_per_prompt}) of <= {new} tokens")
+    score = GenWork(rollouts, RM_PRINCIPLES + prompt + new, 0.0, 1.0,
+                    f"{rollouts:,} reward-model forwards (principles + prompt + response)")
+    train = _train_work(config, "ppo", rollouts, new, prompt_tokens=round(prompt))
+    return Work(gen, train, flow, score)
+
+
 def _generic(stage: str, config: Any, flow: Flow) -> Work:
     """A stage with no model of its own: answer every prompt, train on the kept answers."""
     kind = stage_kind(stage)
@@ -230,7 +290,11 @@ def _train_work(config: Any, stage: str, examples: int, answer_tokens: int,
 
 
 def train_section(config: Any, stage: str) -> Any:
-    train = getattr(stage_section(config, stage), "train", None)
+    """The stage's TrainConfig: its `train` block, or (ppo) the one its section derives."""
+    section = stage_section(config, stage)
+    train = getattr(section, "train", None)
+    if train is None and hasattr(section, "train_config"):
+        train = section.train_config(config.engine)
     if train is None:
         raise PlanError(f"stage {stage!r}: config has no {section_name(stage)}.train section "
                         "to plan from")
@@ -246,4 +310,7 @@ WORKLOADS = {
     "verbose_clone": _verbose_clone,
     "answer": _answer,
     "assess": _assess,
+    "preferences": _preferences,
+    "reward_model": _reward_model,
+    "ppo": _ppo,
 }

@@ -68,6 +68,7 @@ from dromedary_ray.salmon_principles import SalmonPrincipleSet, load_salmon_prin
 log = logging.getLogger(__name__)
 STEPS_FILE = "ppo_steps.jsonl"
 CHECKPOINTS = "checkpoints"
+SYNC = "sync"  # weights or adapters the trainer writes for the engines (shared with them)
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,9 @@ class PPOResult:
 
 @dataclass
 class Actors:
-    rollouts: list[Any]  # RolloutActor handles (engine.num_engines of them)
+    rollouts: list[Any]  # RolloutActor handles (ppo.rollout_engines or engine.num_engines)
     reward: Any  # RewardActor handle, or None when only the trainer is needed
-    trainer: Any  # PPOTrainer handle
+    trainer: Any  # PPOTrainer or ds_trainer.PPOTrainerGroup handle (the same calls)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def run_ppo(prompts: Sequence[PromptRow], *, policy_path: str, reward: str | Rew
     checkpoint = latest_checkpoint(stage_dir / CHECKPOINTS, fp)
     start = resume_step(checkpoint, cfg.steps)
     actors = start_actors(policy_path, reward, cfg, engine, value_init_path,
-                          trainer_only=start == cfg.steps)
+                          trainer_only=start == cfg.steps, sync_dir=str(stage_dir / SYNC))
     try:
         if checkpoint is not None:
             ray.get(actors.trainer.load.remote(str(checkpoint.path)))
@@ -252,22 +253,23 @@ def advantages(cfg: PPOConfig, rollouts: pa.Table) -> tuple[pa.Table, dict[str, 
 
 
 def sync_weights(actors: Actors, version: int) -> float:
-    """Push the trainer's policy weights to every rollout engine; the slowest load's seconds.
+    """Hand the trainer's policy to every rollout engine; the slowest load's seconds.
 
-    The state dict is put in the object store once; each actor resolves the same ref.
+    The trainer's `WeightsUpdate` (tensors, a folder it wrote once, or a LoRA adapter) is put
+    in the object store once; each actor resolves the same ref.
     """
     import ray
 
-    weights = actors.trainer.state_dict_for_sync.remote()
-    return max(ray.get([a.update_weights.remote(weights, version) for a in actors.rollouts]),
-               default=0.0)
+    update = actors.trainer.weights_for_sync.remote(version)
+    return max(ray.get([a.update_weights.remote(update) for a in actors.rollouts]), default=0.0)
 
 
 # --- actors --------------------------------------------------------------------------------
 
 
 def start_actors(policy_path: str, reward: str | RewardFn, cfg: PPOConfig, engine: EngineConfig,
-                 value_init_path: str | None, trainer_only: bool = False) -> Actors:
+                 value_init_path: str | None, trainer_only: bool = False,
+                 sync_dir: str | None = None) -> Actors:
     """Rollout engines, the reward actor and the trainer, each with an engine's share of CPUs.
 
     Raises before starting anything if the cluster lacks the CPUs they ask for: Ray would
@@ -277,23 +279,25 @@ def start_actors(policy_path: str, reward: str | RewardFn, cfg: PPOConfig, engin
 
     from dromedary_ray.runtime.ppo.reward import RewardActor
     from dromedary_ray.runtime.ppo.rollout import RolloutActor
-    from dromedary_ray.runtime.ppo.trainer import PPOTrainer
 
     cpus, gpus = engine.cpus_per_engine, engine.gpus_per_engine
+    n_engines = cfg.rollout_engines or engine.num_engines
     rm_cpus = cpus if isinstance(reward, str) else 0
-    need = cpus + (0 if trainer_only else engine.num_engines * cpus + rm_cpus)
+    trainer_cpus = cfg.trainer_workers * cpus
+    need = trainer_cpus + (0 if trainer_only else n_engines * cpus + rm_cpus)
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
-        raise StageError(f"ppo needs {need:g} CPUs (rollout engines {engine.num_engines} x "
-                         f"{cpus:g}, reward model {rm_cpus:g}, trainer {cpus:g}) but the Ray "
-                         f"cluster has {have:g}: raise ray.num_cpus or lower "
+        raise StageError(f"ppo needs {need:g} CPUs (rollout engines {n_engines} x {cpus:g}, "
+                         f"reward model {rm_cpus:g}, trainer {cfg.trainer_workers} x {cpus:g}) "
+                         f"but the Ray cluster has {have:g}: raise ray.num_cpus or lower "
                          "engine.cpus_per_engine")
-    trainer = ray.remote(PPOTrainer).options(num_cpus=cpus, num_gpus=1 if gpus else 0).remote(
-        policy_path, cfg, value_init_path, num_threads=max(1, int(cpus)), use_gpu=gpus > 0)
+    trainer = start_trainer(policy_path, cfg, engine, value_init_path, sync_dir)
     rollouts, reward_actor = [], None
     if not trainer_only:
+        lora_rank = cfg.lora.rank if cfg.lora else None
         rollouts = [ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=gpus).remote(
-            policy_path, engine, cfg.seed + i) for i in range(engine.num_engines)]
+            policy_path, engine, cfg.seed + i, max_lora_rank=lora_rank)
+            for i in range(n_engines)]
         reward_actor = ray.remote(RewardActor).options(
             num_cpus=rm_cpus, num_gpus=gpus if isinstance(reward, str) else 0).remote(
             reward, cfg.principles_file, cfg.reward_backend, engine)
@@ -305,6 +309,33 @@ def start_actors(policy_path: str, reward: str | RewardFn, cfg: PPOConfig, engin
         stop_actors(actors)
         raise
     return actors
+
+
+def start_trainer(policy_path: str, cfg: PPOConfig, engine: EngineConfig,
+                  value_init_path: str | None, sync_dir: str | None) -> Any:
+    """The trainer actor `ppo.trainer` names; both answer the same calls.
+
+    torch: one process holding an engine's CPUs (and a GPU when the engines have them).
+    deepspeed: a coordinator with no resources of its own; each of its ranks takes those.
+    """
+    import ray
+
+    from dromedary_ray.runtime.train_common import passed_env
+
+    if cfg.trainer == "deepspeed":
+        from dromedary_ray.runtime.ppo.ds_trainer import PPOTrainerGroup as trainer_cls
+
+        options: dict[str, Any] = {"num_cpus": 0}
+    else:
+        from dromedary_ray.runtime.ppo.trainer import PPOTrainer as trainer_cls
+
+        options = {"num_cpus": engine.cpus_per_engine,
+                   "num_gpus": 1 if engine.gpus_per_engine else 0}
+    env = passed_env()  # the compiled-op and model caches, the fault spec of fault tests
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return ray.remote(trainer_cls).options(**options).remote(
+        policy_path, cfg, value_init_path, engine=engine, sync_dir=sync_dir)
 
 
 def stop_actors(actors: Actors) -> None:

@@ -4,55 +4,59 @@
 - critic: a policy-shaped backbone with a scalar head (`AutoModelForSequenceClassification`,
   one label), started from the reward model (SALMON, as AlpacaFarm: the RM already reads
   responses) or from the policy with a zero head; per-token values come from the head applied
-  at every position. Absent for the critic-free advantages (rloo, group).
-- reference: a frozen copy of the SFT model, for the KL penalty.
+  at every position (`forward.TokenValues`). Absent for the critic-free advantages (rloo, group).
+- reference: a frozen copy of the SFT model, for the KL penalty; with `ppo.lora` the policy's
+  own base with its adapter switched off (no second copy).
 
-All three are fp32 (AdamW on bf16 weights loses small updates). Sequences are prompt + response
-right-padded; the logits at position len(prompt) - 1 + t score response token t, and the
-critic's hidden state there is the state before token t. Losses come from `algos.rl`.
-A DeepSpeed ZeRO-3 trainer group (as `runtime/train.py` runs for SFT) is the follow-up for
-models that do not fit one process.
+All three are fp32 (AdamW on bf16 weights loses small updates). The batch, the forward passes
+and the losses are `forward.py`'s, shared with the DeepSpeed ZeRO-3 trainer group
+(`ds_trainer.py`, `ppo.trainer: deepspeed`) that models too large for one process need.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from dromedary_ray.algos.ppo import length_mask, minibatches, pad_right, unpad
-from dromedary_ray.config import PPOConfig
+from dromedary_ray.algos.ppo import minibatches, unpad
+from dromedary_ray.config import EngineConfig, PPOConfig
 from dromedary_ray.errors import DromedaryError
+from dromedary_ray.runtime.ppo.forward import (
+    ADAMW_WEIGHT_DECAY,
+    Batch,
+    TokenValues,
+    build_batch,
+    policy_terms,
+    row_columns,
+    token_logprobs,
+    token_values,
+    value_terms,
+)
+from dromedary_ray.runtime.ppo.rollout import WeightsUpdate
 
 STATE_FILE = "trainer.pt"
 
 
-@dataclass
-class _Batch:
-    input_ids: Any  # [B, L] prompt + response, right-padded
-    attention: Any  # [B, L]
-    positions: Any  # [B, T] index of the logit that scores response token t
-    response_ids: Any  # [B, T]
-    mask: Any  # [B, T] 1.0 on response tokens
-    lengths: list[int]  # response lengths
-
-
 class PPOTrainer:
-    def __init__(self, policy_path: str, cfg: PPOConfig, value_init_path: str | None = None,
-                 num_threads: int = 1, use_gpu: bool = False):
+    def __init__(self, policy_path: str, cfg: PPOConfig, value_init_path: str | None = None, *,
+                 engine: EngineConfig, sync_dir: str | None = None):
+        """On a GPU when the engines use GPUs, with an engine's share of CPU threads.
+        `sync_dir`: where LoRA adapters are written for the engines (`ppo.lora` only)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(max(1, num_threads))  # Ray does not pin threads for us
+        torch.set_num_threads(max(1, int(engine.cpus_per_engine)))  # Ray does not pin threads
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.cfg = cfg
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.cfg, self.sync_dir = cfg, sync_dir
+        use_gpu = engine.gpus_per_engine > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         self.temperature = cfg.sampling.temperature
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.pad_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
@@ -62,59 +66,21 @@ class PPOTrainer:
             model.config.use_cache = False
             return model.to(self.device).eval()  # eval: no dropout in PPO's ratios
 
-        self.policy, self.ref = causal_lm(), causal_lm()
-        self.ref.requires_grad_(False)
-        self.critic = (_load_critic(policy_path, value_init_path, self.policy.config)
+        self.policy = with_adapter(causal_lm(), cfg, "causal_lm")
+        self.ref = None if cfg.lora else causal_lm().requires_grad_(False)
+        self.critic = (TokenValues(with_adapter(_load_critic(policy_path, value_init_path,
+                                                             self.policy.config), cfg, "score"))
                        .to(self.device).eval() if cfg.advantage == "gae" else None)
-        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.learning_rate)
-        self.value_opt = (torch.optim.AdamW(self.critic.parameters(),
-                                            lr=cfg.value_learning_rate)
+        self.policy_opt = _adamw(self.policy, cfg.learning_rate)
+        self.value_opt = (_adamw(self.critic, cfg.value_learning_rate)
                           if self.critic is not None else None)
 
     # --- forward passes over rollouts ---------------------------------------------------------
 
-    def _batch(self, rollouts: pa.Table) -> _Batch:
-        import torch
-
-        prompts = rollouts["prompt_token_ids"].to_pylist()
-        responses = rollouts["response_token_ids"].to_pylist()
-        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-        lengths = [len(r) for r in responses]
-        if min(lengths, default=1) < 1:
-            raise DromedaryError("a rollout has an empty response; nothing to train on")
-        width, steps = max(len(s) for s in seqs), max(lengths)
-        ids = pad_right(seqs, width, torch.long, self.pad_id)
-        attention = length_mask([len(s) for s in seqs], width).long()
-        starts = torch.tensor([len(p) for p in prompts])
-        positions = (starts[:, None] - 1 + torch.arange(steps)[None, :]).clamp(max=width - 1)
-        return _Batch(ids, attention, positions, pad_right(responses, steps, torch.long),
-                      length_mask(lengths, steps), lengths)
-
-    def _logits(self, model: Any, b: _Batch, idx: list[int]) -> Any:
-        """Temperature-scaled logits scoring each response token of rows `idx`: [b, T, V]."""
-        ids, att, pos = (t[idx].to(self.device) for t in (b.input_ids, b.attention, b.positions))
-        # Only positions from the earliest response start on are needed: skip the rest.
-        keep = ids.shape[1] - int(pos[:, 0].min())
-        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
-        pos = pos - (ids.shape[1] - keep)
-        picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-        return picked.float() / self.temperature
-
-    def _token_logprobs(self, model: Any, b: _Batch, idx: list[int]) -> tuple[Any, Any]:
-        logits = self._logits(model, b, idx)
-        resp = b.response_ids[idx].to(self.device)
-        return logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1), logits
-
-    def _values(self, b: _Batch, idx: list[int]) -> Any:
-        ids, att, pos = (t[idx].to(self.device) for t in (b.input_ids, b.attention, b.positions))
-        hidden = self.critic.base_model(input_ids=ids, attention_mask=att).last_hidden_state
-        picked = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.critic.score(picked)[..., 0].float()
-
     def _no_grad_pass(self, rollouts: pa.Table, fn: Any) -> list[list[float]]:
         import torch
 
-        b = self._batch(rollouts)
+        b = build_batch(rollouts, self.pad_id)
         size = self.cfg.mini_batch_size
         chunks = []
         with torch.no_grad():
@@ -124,19 +90,26 @@ class PPOTrainer:
         padded = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunks])
         return unpad(padded, b.lengths)
 
+    def _logprobs(self, model: Any, b: Batch, idx: list[int]) -> Any:
+        return token_logprobs(model, b, idx, self.device, self.temperature)[0]
+
     def policy_logprobs(self, rollouts: pa.Table) -> list[list[float]]:
         """Each response token's log-prob under the current policy (PPO's "old" policy)."""
-        return self._no_grad_pass(rollouts, lambda b, i: self._token_logprobs(self.policy, b, i)[0])
+        return self._no_grad_pass(rollouts, lambda b, i: self._logprobs(self.policy, b, i))
 
     def ref_logprobs(self, rollouts: pa.Table) -> list[list[float]]:
         """Each response token's log-prob under the frozen reference (the SFT model)."""
-        return self._no_grad_pass(rollouts, lambda b, i: self._token_logprobs(self.ref, b, i)[0])
+        if self.ref is not None:
+            return self._no_grad_pass(rollouts, lambda b, i: self._logprobs(self.ref, b, i))
+        with self.policy.disable_adapter():  # LoRA: the base is the SFT model
+            return self._no_grad_pass(rollouts, lambda b, i: self._logprobs(self.policy, b, i))
 
     def values(self, rollouts: pa.Table) -> list[list[float]]:
         """The critic's value of the state before each response token."""
         if self.critic is None:
             raise DromedaryError(f"advantage {self.cfg.advantage} runs without a critic")
-        return self._no_grad_pass(rollouts, self._values)
+        return self._no_grad_pass(rollouts,
+                                  lambda b, i: token_values(self.critic, b, i, self.device))
 
     # --- the update ---------------------------------------------------------------------------
 
@@ -146,11 +119,8 @@ class PPOTrainer:
         Reads `policy_logprobs` (old), `advantages`, and for the critic `values` (old) and
         `returns` from the rows.
         """
-        b = self._batch(rollouts)
-        width = b.mask.shape[1]
-        col = {k: pad_right(rollouts[k].to_pylist(), width)
-               for k in ("policy_logprobs", "advantages", "values", "returns")
-               if self.critic is not None or k in ("policy_logprobs", "advantages")}
+        b = build_batch(rollouts, self.pad_id)
+        col = row_columns(rollouts, b, self.critic is not None)
         stats: dict[str, list[float]] = defaultdict(list)
         for epoch in range(self.cfg.ppo_epochs):
             for idx in minibatches(len(b.lengths), self.cfg.mini_batch_size, self.cfg.seed,
@@ -162,46 +132,42 @@ class PPOTrainer:
                         stats[k].append(v)
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
-    def _policy_step(self, b: _Batch, idx: list[int], col: dict[str, Any]) -> dict[str, float]:
-        from dromedary_ray.algos.rl import entropy_from_logits, masked_mean, ppo_policy_loss
-
-        mask = b.mask[idx].to(self.device)
-        logprobs, logits = self._token_logprobs(self.policy, b, idx)
-        out = ppo_policy_loss(logprobs, col["policy_logprobs"][idx].to(self.device),
-                              col["advantages"][idx].to(self.device), mask, self.cfg.clip_eps)
-        out.loss.backward()
+    def _policy_step(self, b: Batch, idx: list[int], col: dict[str, Any]) -> dict[str, float]:
+        loss, terms = policy_terms(self.policy, b, idx, col, self.cfg.clip_eps, self.device,
+                                   self.temperature)
+        loss.backward()
         norm = self._step(self.policy, self.policy_opt)
-        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
-        return {"policy_loss": float(out.loss.detach()), "clip_fraction": float(out.clip_frac),
-                "approx_kl": float(out.approx_kl), "entropy": float(entropy),
-                "policy_grad_norm": norm}
+        loss_v, clip, kl, entropy = terms.tolist()
+        return {"policy_loss": loss_v, "clip_fraction": clip, "approx_kl": kl,
+                "entropy": entropy, "policy_grad_norm": norm}
 
-    def _value_step(self, b: _Batch, idx: list[int], col: dict[str, Any]) -> dict[str, float]:
-        from dromedary_ray.algos.rl import ppo_value_loss
-
-        mask = b.mask[idx].to(self.device)
-        loss, clip_frac = ppo_value_loss(self._values(b, idx), col["values"][idx].to(self.device),
-                                         col["returns"][idx].to(self.device), mask,
-                                         self.cfg.value_clip_eps)
+    def _value_step(self, b: Batch, idx: list[int], col: dict[str, Any]) -> dict[str, float]:
+        loss, terms = value_terms(self.critic, b, idx, col, self.cfg.value_clip_eps, self.device)
         loss.backward()
         norm = self._step(self.critic, self.value_opt)
-        return {"value_loss": float(loss.detach()), "value_clip_fraction": float(clip_frac),
-                "value_grad_norm": norm}
+        loss_v, clip = terms.tolist()
+        return {"value_loss": loss_v, "value_clip_fraction": clip, "value_grad_norm": norm}
 
     def _step(self, model: Any, opt: Any) -> float:
         import torch
 
         limit = self.cfg.max_grad_norm or float("inf")  # 0: report the norm, clip nothing
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, limit)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(norm)
 
     # --- weights out, checkpoints -------------------------------------------------------------
 
-    def state_dict_for_sync(self) -> dict[str, Any]:
-        """The policy's weights by HF name, on CPU, for `RolloutActor.update_weights`."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.policy.state_dict().items()}
+    def weights_for_sync(self, version: int) -> WeightsUpdate:
+        """The policy for `RolloutActor.update_weights`: full weights by HF name on CPU, or
+        with LoRA the adapter, saved under `sync_dir/adapter-<version>`."""
+        if self.cfg.lora:
+            folder = save_adapter(self.policy, self.sync_dir, version)
+            return WeightsUpdate(version, adapter=folder)
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.policy.state_dict().items()}
+        return WeightsUpdate(version, tensors=tensors)
 
     def save(self, folder: str) -> None:
         """Policy, critic, both optimizers and the RNG states into `folder/trainer.pt`."""
@@ -236,12 +202,14 @@ class PPOTrainer:
         random.setstate(state["python_rng"])
 
     def save_pretrained(self, out_dir: str) -> str:
-        """The policy as a Hugging Face folder, written beside and renamed into place."""
+        """The policy as a Hugging Face folder (LoRA merged into plain weights, which vLLM and
+        transformers load without peft), written beside and renamed into place."""
         tmp = f"{out_dir}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.config.use_cache = True  # off for training; generation wants it
-        self.policy.save_pretrained(tmp, safe_serialization=True)
-        self.policy.config.use_cache = False
+        model = copy.deepcopy(self.policy).merge_and_unload() if self.cfg.lora else self.policy
+        model.config.use_cache = True  # off for training; generation wants it
+        model.save_pretrained(tmp, safe_serialization=True)
+        model.config.use_cache = False
         self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
@@ -250,6 +218,43 @@ class PPOTrainer:
     def health(self) -> dict[str, Any]:
         return {"device": str(self.device), "critic": self.critic is not None,
                 "pid": os.getpid()}
+
+
+def with_adapter(model: Any, cfg: PPOConfig, head: str) -> Any:
+    """`model` with a fresh peft LoRA adapter when `ppo.lora` is set (its base frozen), else
+    `model`. The peft config comes from `train_common.lora_config`, as for fine-tuning; a score
+    head is new, so it trains whole beside the adapter."""
+    if cfg.lora is None:
+        return model
+    from peft import get_peft_model
+
+    from dromedary_ray.runtime.train_common import lora_config
+
+    return get_peft_model(model, lora_config(cfg.train_config(EngineConfig()), head))
+
+
+def save_adapter(policy: Any, sync_dir: str | None, version: int) -> str:
+    """Write the policy's adapter to `sync_dir/adapter-<version>` (aside, then renamed) and
+    drop older ones; the path."""
+    from dromedary_ray.runtime.ppo.forward import drop_older_versions
+
+    if sync_dir is None:
+        raise DromedaryError("ppo.lora needs a sync_dir to hand adapters to the engines")
+    folder = os.path.join(sync_dir, f"adapter-{version:06d}")
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    drop_older_versions(sync_dir, "adapter-", folder)
+    return folder
+
+
+def _adamw(model: Any, lr: float) -> Any:
+    import torch
+
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=ADAMW_WEIGHT_DECAY)
 
 
 def _load_critic(policy_path: str, value_init_path: str | None, policy_config: Any) -> Any:
