@@ -109,3 +109,11 @@ def logged_steps(path: Path) -> list[int]:
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     return [json.loads(line)["step"] for line in lines]
+
+
+def orphaned_engines() -> set[int]:
+    """vLLM processes whose parent died (re-parented to init): leaked CPU eaters."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True)
+    return {int(pid) for pid, ppid, comm in (line.split(None, 2) for line in
+                                             out.stdout.splitlines())
+            if ppid == "1" and comm.startswith("VLLM")}

@@ -10,6 +10,7 @@ from fault_helpers import (
     assert_tables_equal_reference,
     dromedary_run,
     env_with,
+    orphaned_engines,
 )
 
 pytestmark = pytest.mark.slow
@@ -19,9 +20,11 @@ def test_engine_actor_killed_mid_stage_run_completes(generation_reference, tmp_p
     """The engine actor dies after its 2nd batch's work, before committing it: Ray Data
     restarts the actor and retries the batch in the same run."""
     marker, run_dir = tmp_path / "fired", tmp_path / "run"
+    orphans_before = orphaned_engines()
     out = dromedary_run(run_dir, env=env_with(DROMEDARY_FAULT=f"worker_batch:2:{marker}"))
     assert marker.exists(), "the fault hook never fired: the case proved nothing"
     assert out.returncode == 0, out.stderr[-3000:]
+    assert orphaned_engines() <= orphans_before  # the killed actor took its engine with it
     assert_tables_equal_reference(run_dir, generation_reference, "self_align", N_PROMPTS)
 
 
