@@ -34,6 +34,21 @@ class StageError(DromedaryError):
     """A stage cannot run (missing input, inconsistent store)."""
 
 
+class ActorLostError(StageError):
+    """An actor of a stage's loop died mid-step (a killed process, a lost node).
+
+    The message names the actor, the step it died in and where a rerun resumes; `actor`,
+    `step` and `resume_step` carry the same for callers.
+    """
+
+    def __init__(self, stage: str, actor: str, step: int, resume_step: int):
+        where = (f"the checkpoint at step {resume_step}" if resume_step
+                 else "step 0 (no checkpoint was written yet)")
+        super().__init__(f"stage {stage}: the {actor} actor died during step {step}; nothing of "
+                         f"step {step} was kept. Run the stage again to resume from {where}")
+        self.actor, self.step, self.resume_step = actor, step, resume_step
+
+
 def read_input_text(path: str | Path) -> str:
     """A user file's text, or an InputFileError saying it is missing or not UTF-8."""
     try:

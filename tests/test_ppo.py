@@ -7,13 +7,10 @@
 """
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from ppo_run import run_ppo_script, script_result, write_script
 
 from dromedary_ray.config import EngineConfig, PPOConfig, SamplingConfig
 from dromedary_ray.data.schemas import PromptRow
@@ -117,80 +114,38 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(ray_local, tiny_model,
     assert set(table["step"].to_pylist()) == set(range(1, steps + 1))
 
 
-RUN_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from dromedary_ray.config import EngineConfig, PPOConfig, RayConfig, SamplingConfig
-    from dromedary_ray.data.schemas import PromptRow
-    from dromedary_ray.data.store import StageStore
-    from dromedary_ray.runtime.cluster import connect
-    from dromedary_ray.runtime.ppo.loop import run_ppo
-
-    def low_id_share(prompts, responses, token_ids):
-        return [sum(t < 6144 for t in ids) / max(len(ids), 1) for ids in token_ids]
-
-    address, run_dir, model, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    connect(RayConfig(address=address))
-    cfg = PPOConfig(steps=steps, prompts_per_step=2, mini_batch_size=2, ppo_epochs=1,
-                    learning_rate=1e-3, value_init="policy", checkpoint_every_steps=2,
-                    sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8))
-    prompts = [PromptRow(f"p{i}", "seed", f"Question {i}?") for i in range(4)]
-    result = run_ppo(prompts, policy_path=model, reward=low_id_share, cfg=cfg,
-                     engine=EngineConfig(max_model_len=256, kv_cache_gib=1, cpus_per_engine=1),
-                     store=StageStore(run_dir, "ppo"))
-    print("RESULT " + json.dumps({"steps_run": result.steps_run,
-                                  "resumed_from_step": result.resumed_from_step,
-                                  "model_dir": result.model_dir}))
-""")
-
-
-def _run(script: Path, address: str, run_dir: Path, model: str, steps: int,
-         fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "DROMEDARY_FAULT"}
-    if fault:
-        env["DROMEDARY_FAULT"] = fault
-    return subprocess.run([sys.executable, str(script), address, str(run_dir), model, str(steps)],
-                          env=env, capture_output=True, text=True, timeout=400)
-
-
-def _result(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    return json.loads(line.removeprefix("RESULT "))
-
-
 def test_killed_run_resumes_from_its_last_checkpoint(ray_local, tiny_model, tmp_path):
     import ray
 
     address = ray.get_runtime_context().gcs_address
-    script = tmp_path / "run_ppo.py"
-    script.write_text(RUN_SCRIPT)
+    script = write_script(tmp_path)
     run_dir, marker = tmp_path / "run", tmp_path / "killed"
     steps_file = run_dir / "ppo" / "ppo_steps.jsonl"
 
     def logged_steps():
         return [json.loads(x)["step"] for x in steps_file.read_text().splitlines()]
 
-    killed = _run(script, address, run_dir, tiny_model, 4, fault=f"ppo_step:3:{marker}")
+    killed = run_ppo_script(script, address, run_dir, tiny_model, 4, fault=f"ppo_step:3:{marker}")
     assert killed.returncode == -9 and marker.exists(), killed.stderr[-3000:]
     assert logged_steps() == [1, 2, 3]
     assert [p.name for p in (run_dir / "ppo" / "checkpoints").glob("step-*")] == ["step-000002"]
     assert not (run_dir / "ppo" / "model").exists()
 
-    resumed = _result(_run(script, address, run_dir, tiny_model, 4))
+    resumed = script_result(run_ppo_script(script, address, run_dir, tiny_model, 4))
     assert resumed["resumed_from_step"] == 2 and resumed["steps_run"] == 2
     assert logged_steps() == [1, 2, 3, 4]  # step 3 rerun from the checkpoint, logged once
     weights = (Path(resumed["model_dir"]) / "model.safetensors").read_bytes()
 
     # A checkpoint already at `steps`: finish with its policy, run nothing, and say so.
-    again = _run(script, address, run_dir, tiny_model, 4)
-    finished = _result(again)
+    again = run_ppo_script(script, address, run_dir, tiny_model, 4)
+    finished = script_result(again)
     assert finished["resumed_from_step"] == 4 and finished["steps_run"] == 0
     assert "no step to run" in again.stderr
     assert (Path(finished["model_dir"]) / "model.safetensors").read_bytes() == weights
     assert logged_steps() == [1, 2, 3, 4]
 
     # A checkpoint past `steps`: refused, with what to do.
-    shorter = _run(script, address, run_dir, tiny_model, 3)
+    shorter = run_ppo_script(script, address, run_dir, tiny_model, 3)
     assert shorter.returncode != 0 and "past ppo.steps=3" in shorter.stderr
 
 

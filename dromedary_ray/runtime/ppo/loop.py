@@ -10,7 +10,9 @@ to `<stage>/tensorboard/`) and writes its rollouts as one shard of the stage's d
 Checkpoints (`checkpoint.py`) every `checkpoint_every_steps` steps and at the last step: a
 killed run called again continues after the newest one. One at exactly `steps` finishes with
 its saved policy and runs no step (the result's `steps_run` is 0, and a warning says so); one
-past `steps` is refused. The final policy goes to `<stage>/model/` as a Hugging Face folder.
+past `steps` is refused. An actor that dies mid-step (rollout, reward or trainer) stops the
+stage with `ActorLostError`, naming it, the step and the checkpoint a rerun resumes from.
+The final policy goes to `<stage>/model/` as a Hugging Face folder.
 
 Launch (a local Ray cluster; `tests/test_ppo.py` has runnable variants)::
 
@@ -58,7 +60,7 @@ from dromedary_ray.config import EngineConfig, PPOConfig, resolve_path
 from dromedary_ray.data.salmon_schemas import RolloutRow
 from dromedary_ray.data.schemas import PromptRow, RejectRow
 from dromedary_ray.data.store import StageStore, file_digest
-from dromedary_ray.errors import StageError
+from dromedary_ray.errors import ActorLostError, StageError
 from dromedary_ray.runtime.faults import maybe_die
 from dromedary_ray.runtime.ppo.checkpoint import latest_checkpoint, resume_step, write_checkpoint
 from dromedary_ray.runtime.ppo.reward import RewardFn
@@ -143,20 +145,52 @@ def train_steps(loop: Loop, start: int, stage_dir: Path, fp: str) -> list[dict[s
 
     cfg, metrics = loop.cfg, []
     steps_log = StepLog(stage_dir, start)
+    saved = start  # the newest checkpoint's step: where a rerun would resume
     try:
         for step in range(start + 1, cfg.steps + 1):
-            row = ppo_step(step, loop)
-            if step % cfg.checkpoint_every_steps == 0 or step == cfg.steps:
-                t0 = time.perf_counter()
-                write_checkpoint(stage_dir / CHECKPOINTS, step, fp,
-                                 lambda folder: ray.get(loop.actors.trainer.save.remote(folder)))
-                row["seconds_checkpoint"] = time.perf_counter() - t0
+            with actor_deaths(loop.actors, step, saved):
+                row = ppo_step(step, loop)
+                if step % cfg.checkpoint_every_steps == 0 or step == cfg.steps:
+                    t0 = time.perf_counter()
+                    write_checkpoint(stage_dir / CHECKPOINTS, step, fp,
+                                     lambda f: ray.get(loop.actors.trainer.save.remote(f)))
+                    row["seconds_checkpoint"] = time.perf_counter() - t0
+                    saved = step
             steps_log.write(row)
             metrics.append(row)
             maybe_die("ppo_step")  # fault tests: the driver dies after a finished step
     finally:
         steps_log.close()
     return metrics
+
+
+@contextmanager
+def actor_deaths(actors: Actors, step: int, saved: int) -> Iterator[None]:
+    """Turn an actor's death during `step` into our `ActorLostError`, naming the actor.
+
+    Ray's own error names only an actor id, and nobody restarts the actor mid-step: its engine
+    state and the trainer's are not worth rebuilding by hand when a checkpoint exists. Nothing
+    of the step is kept as finished: its rollouts are written as its last phase and its log
+    line and checkpoint after them; a rerun resumes from checkpoint `saved` and writes each
+    redone step's shard again under the same name and row ids, replacing any earlier one.
+    """
+    import ray
+
+    try:
+        yield
+    except ray.exceptions.RayActorError as err:
+        raise ActorLostError("ppo", actor_role(actors, err.actor_id), step, saved) from err
+
+
+def actor_role(actors: Actors, actor_id: str | None) -> str:
+    """"rollout" (with its index when there are several), "reward" or "trainer"."""
+    roles = {"reward": actors.reward, "trainer": actors.trainer}
+    many = len(actors.rollouts) > 1
+    roles.update({f"rollout {i}" if many else "rollout": a for i, a in enumerate(actors.rollouts)})
+    for role, handle in roles.items():
+        if handle is not None and handle._actor_id.hex() == actor_id:
+            return role
+    return "trainer"  # the only other actors are a DeepSpeed trainer's ranks
 
 
 def ppo_step(step: int, loop: Loop) -> dict[str, float]:
@@ -279,6 +313,7 @@ def start_actors(policy_path: str, reward: str | RewardFn, cfg: PPOConfig, engin
 
     from dromedary_ray.runtime.ppo.reward import RewardActor
     from dromedary_ray.runtime.ppo.rollout import RolloutActor
+    from dromedary_ray.runtime.train_common import passed_env
 
     cpus, gpus = engine.cpus_per_engine, engine.gpus_per_engine
     n_engines = cfg.rollout_engines or engine.num_engines
@@ -295,11 +330,15 @@ def start_actors(policy_path: str, reward: str | RewardFn, cfg: PPOConfig, engin
     rollouts, reward_actor = [], None
     if not trainer_only:
         lora_rank = cfg.lora.rank if cfg.lora else None
-        rollouts = [ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=gpus).remote(
+        # The driver's fault spec (and caches) reach the actors only this way: a driver that
+        # joins a running cluster does not pass its environment on to that cluster's workers.
+        env = passed_env()
+        extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+        rollouts = [ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=gpus, **extra).remote(
             policy_path, engine, cfg.seed + i, max_lora_rank=lora_rank)
             for i in range(n_engines)]
         reward_actor = ray.remote(RewardActor).options(
-            num_cpus=rm_cpus, num_gpus=gpus if isinstance(reward, str) else 0).remote(
+            num_cpus=rm_cpus, num_gpus=gpus if isinstance(reward, str) else 0, **extra).remote(
             reward, cfg.principles_file, cfg.reward_backend, engine)
     actors = Actors(rollouts, reward_actor, trainer)
     handles = [trainer, *rollouts] + ([reward_actor] if reward_actor is not None else [])

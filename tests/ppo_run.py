@@ -1,0 +1,71 @@
+"""A PPO run in its own driver process, for the tests that kill one and run it again
+(`test_ppo.py -k killed_run`, `faults/test_fault_ppo.py`).
+
+The driver joins the tests' local Ray cluster, runs `run_ppo` on the tiny model with a
+programmatic reward (4 prompts, 2 per step, a checkpoint every 2 steps) and prints one
+`RESULT {...}` line; like `dromedary run`, it prints our own errors as one `error: ...` line and
+exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+RUN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from dromedary_ray.config import EngineConfig, PPOConfig, RayConfig, SamplingConfig
+    from dromedary_ray.data.schemas import PromptRow
+    from dromedary_ray.data.store import StageStore
+    from dromedary_ray.errors import DromedaryError
+    from dromedary_ray.runtime.cluster import connect
+    from dromedary_ray.runtime.ppo.loop import run_ppo
+
+    def low_id_share(prompts, responses, token_ids):
+        return [sum(t < 6144 for t in ids) / max(len(ids), 1) for ids in token_ids]
+
+    address, run_dir, model, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    connect(RayConfig(address=address))
+    cfg = PPOConfig(steps=steps, prompts_per_step=2, mini_batch_size=2, ppo_epochs=1,
+                    learning_rate=1e-3, value_init="policy", checkpoint_every_steps=2,
+                    sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8))
+    prompts = [PromptRow(f"p{i}", "seed", f"Question {i}?") for i in range(4)]
+    try:
+        result = run_ppo(prompts, policy_path=model, reward=low_id_share, cfg=cfg,
+                         engine=EngineConfig(max_model_len=256, kv_cache_gib=1,
+                                             cpus_per_engine=1),
+                         store=StageStore(run_dir, "ppo"))
+    except DromedaryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print("RESULT " + json.dumps({"steps_run": result.steps_run,
+                                  "resumed_from_step": result.resumed_from_step,
+                                  "model_dir": result.model_dir}))
+""")
+
+
+def write_script(folder: Path) -> Path:
+    script = folder / "run_ppo.py"
+    script.write_text(RUN_SCRIPT)
+    return script
+
+
+def run_ppo_script(script: Path, address: str, run_dir: Path, model: str, steps: int,
+                   fault: str | None = None) -> subprocess.CompletedProcess:
+    """The driver to its end; `fault` becomes its DROMEDARY_FAULT (none inherited)."""
+    env = {k: v for k, v in os.environ.items() if k != "DROMEDARY_FAULT"}
+    if fault:
+        env["DROMEDARY_FAULT"] = fault
+    return subprocess.run([sys.executable, str(script), address, str(run_dir), model, str(steps)],
+                          env=env, capture_output=True, text=True, timeout=400)
+
+
+def script_result(proc: subprocess.CompletedProcess) -> dict:
+    """The RESULT line of a driver that must have succeeded."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))
