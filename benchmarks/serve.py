@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import time
 import uuid
@@ -143,19 +142,12 @@ async def measure(direct: Direct, url: str, queries: list[str], max_tokens: int,
 
 
 def start_server(model: str) -> str:
-    from ray import serve
-
     from dromedary_ray.runtime.cluster import connect
-    from dromedary_ray.serve.app import build_app
+    from dromedary_ray.serve.app import build_app, deploy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     connect(RayConfig())
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": model, "served_model_name": "bench", "engine": ENGINE}),
-              name="bench", route_prefix="/", blocking=False)
-    return f"http://127.0.0.1:{port}"
+    return deploy(build_app({"model": model, "served_model_name": "bench", "engine": ENGINE}),
+                  "bench")
 
 
 def report(args: argparse.Namespace, out: dict[str, Any]) -> None:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
 import sys
 import time
@@ -188,20 +187,14 @@ async def soak(url: str, seconds: float, clients: int, bad_fraction: float = 0.3
 
 
 def start_server(model_path: str) -> str:
-    from ray import serve
 
     from dromedary_ray.config import RayConfig
     from dromedary_ray.runtime.cluster import connect
-    from dromedary_ray.serve.app import build_app
+    from dromedary_ray.serve.app import build_app, deploy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     connect(RayConfig())
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": model_path, "served_model_name": MODEL, "engine": ENGINE,
-                         "default_max_tokens": 16}), name=APP, route_prefix="/", blocking=False)
-    return f"http://127.0.0.1:{port}"
+    return deploy(build_app({"model": model_path, "served_model_name": MODEL, "engine": ENGINE,
+                             "default_max_tokens": 16}), APP)
 
 
 def verdict(out: dict[str, Any], rss_growth_mib: float) -> list[str]:

@@ -168,17 +168,16 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from dromedary_ray.runtime.cluster import connect
-    from dromedary_ray.serve.app import build_app
+    from dromedary_ray.serve.app import build_app, deploy
 
     connect(RayConfig(address=args.address))
-    serve.start(http_options={"host": args.host, "port": args.port})
     engine = {"max_model_len": args.max_model_len, "cpus_per_engine": args.cpus_per_replica,
               "gpus_per_engine": args.gpus_per_replica, "kv_cache_gib": 2}
     app = build_app({"model": resolve_model(args.model, args.run_dir),
                      "served_model_name": args.model, "engine": engine,
                      "api_key_env": args.api_key_env, "num_replicas": args.replicas})
-    serve.run(app, name="dromedary", route_prefix="/", blocking=False)
-    print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    url = deploy(app, "dromedary", args.host, args.port)
+    print(f"serving {args.model} at {url}/v1 (Ctrl-C stops)", flush=True)
     try:
         import time
 

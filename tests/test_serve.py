@@ -3,7 +3,6 @@
 import asyncio
 import json
 import os
-import socket
 
 import pytest
 
@@ -13,27 +12,18 @@ KEY = "test-key-123"
 MODEL = "tiny"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model):
     import httpx
     from ray import serve
 
-    from dromedary_ray.serve.app import build_app
+    from dromedary_ray.serve.app import build_app, deploy
 
-    port = free_port()
     os.environ["DROMEDARY_TEST_KEY"] = KEY
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": tiny_model, "served_model_name": MODEL, "api_key_env":
                      "DROMEDARY_TEST_KEY", "default_max_tokens": 16,
                      "engine": {"max_model_len": 512, "cpus_per_engine": 1, "kv_cache_gib": 1}})
-    serve.run(app, name="dromedary", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    url = deploy(app, "dromedary")
     assert httpx.get(f"{url}/health", timeout=60).json() == {"status": "ok"}
     yield url
     serve.shutdown()

@@ -13,7 +13,6 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from test_serve import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +26,14 @@ def fuzz_server(ray_local, tiny_model):
     import httpx
     from ray import serve
 
-    from dromedary_ray.serve.app import build_app
+    from dromedary_ray.serve.app import build_app, deploy
 
-    port = free_port()
     os.environ["DROMEDARY_FUZZ_KEY"] = KEY
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     # A short context keeps every accepted request quick: max_tokens must stay below 128.
     app = build_app({"model": tiny_model, "served_model_name": MODEL, "default_max_tokens": 8,
                      "api_key_env": "DROMEDARY_FUZZ_KEY",
                      "engine": {"max_model_len": 128, "cpus_per_engine": 1, "kv_cache_gib": 1}})
-    serve.run(app, name="fuzz", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    url = deploy(app, "fuzz")
     assert httpx.get(f"{url}/health", timeout=120).json() == {"status": "ok"}
     try:
         pid = replica_pid(url)

@@ -167,3 +167,17 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         key_digest(api_key),
         int(args.get("default_max_tokens", 256)),
     )
+
+
+def deploy(app: serve.Application, name: str, host: str = "127.0.0.1", port: int = 0) -> str:
+    """Start Serve's HTTP proxy on `host:port` (0: a free port) and run `app` at "/"; returns
+    its URL. `dromedary serve`, the Serve tests and the benchmarks all start it this way."""
+    import socket
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
