@@ -49,8 +49,30 @@ def dromedary_run(run_dir: Path, *extra: str, env: dict[str, str] | None = None,
     """`dromedary run` of the generation recipe, in a fresh process as a user runs it."""
     cmd = [sys.executable, "-m", "dromedary_ray.cli", "run", CONFIG, "--run-dir", str(run_dir),
            *GENERATION, *extra]
-    return subprocess.run(cmd, env=env or env_with(), capture_output=True, text=True,
-                          timeout=timeout)
+    # Its own session, so that every process the run started (Ray's raylet and workers, vLLM's
+    # engine cores) can be found, and waited for, by session id once the driver has ended.
+    proc = subprocess.Popen(cmd, env=env or env_with(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # A SIGKILLed driver's workers outlive it for a moment, and one of them may still commit a
+    # shard it had finished: count what is on disk only after they are gone.
+    wait_for(lambda: not session_processes(proc.pid), 120, "the run's processes to exit")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def session_processes(sid: int) -> set[int]:
+    """The live processes of session `sid` (a run started with start_new_session=True), less
+    Ray's dashboard and runtime-env agents, which outlive a killed driver by a minute but write
+    nothing of ours."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True)
+    rows = (line.split(None, 3) for line in out.stdout.splitlines())
+    return {int(pid) for pid, s, stat, *args in rows
+            if int(s) == sid and not stat.startswith("Z")
+            and not (args and args[0].startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")))}
 
 
 def engrave_cmd(run_dir: Path, *extra: str) -> list[str]:
