@@ -487,8 +487,9 @@ class PPOConfig:
     # each training on its share of every minibatch.
     trainer: str = "torch"
     trainer_workers: int = 1  # deepspeed only; divides mini_batch_size
-    # deepspeed only: rows per forward/backward on a rank; a rank's share of a minibatch
-    # (mini_batch_size / trainer_workers) is accumulated over these. None: the whole share.
+    # Rows per forward/backward (on each rank); a rank's share of a minibatch
+    # (mini_batch_size / trainer_workers) is accumulated over these, so the update is the same
+    # and memory falls with it. None: the whole share at once.
     micro_batch_size: int | None = None
     bf16: bool = False  # deepspeed only: bf16 weights with fp32 master copies (GPUs)
     gradient_checkpointing: bool = False  # deepspeed only
@@ -545,8 +546,6 @@ class PPOConfig:
                                                  and share % self.micro_batch_size == 0),
                "micro_batch_size", f"must divide a rank's {share} rows per minibatch "
                "(mini_batch_size / trainer_workers)")
-        _check(self.trainer == "deepspeed" or self.micro_batch_size is None, "micro_batch_size",
-               "is a deepspeed trainer setting (the torch trainer takes whole minibatches)")
         _check(self.rollout_engines is None or self.rollout_engines >= 1, "rollout_engines",
                "must be >= 1 (or null for engine.num_engines)")
 

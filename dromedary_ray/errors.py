@@ -35,17 +35,21 @@ class StageError(DromedaryError):
 
 
 class ActorLostError(StageError):
-    """An actor of a stage's loop died mid-step (a killed process, a lost node).
+    """An actor of a stage's loop died mid-step (a killed process, a lost node), or between
+    steps (`phase`: while loading a checkpoint, while writing the final model).
 
-    The message names the actor, the step it died in and where a rerun resumes; `actor`,
-    `step` and `resume_step` carry the same for callers.
+    The message names the actor, when it died and where a rerun resumes; `actor`, `step` and
+    `resume_step` carry the same for callers.
     """
 
-    def __init__(self, stage: str, actor: str, step: int, resume_step: int):
+    def __init__(self, stage: str, actor: str, step: int, resume_step: int,
+                 phase: str | None = None):
         where = (f"the checkpoint at step {resume_step}" if resume_step
                  else "step 0 (no checkpoint was written yet)")
-        super().__init__(f"stage {stage}: the {actor} actor died during step {step}; nothing of "
-                         f"step {step} was kept. Run the stage again to resume from {where}")
+        lost = (f"during step {step}; nothing of step {step} was kept" if phase is None
+                else f"{phase}; no finished step was lost")
+        super().__init__(f"stage {stage}: the {actor} actor died {lost}. Run the stage again to "
+                         f"resume from {where}")
         self.actor, self.step, self.resume_step = actor, step, resume_step
 
 

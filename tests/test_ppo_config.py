@@ -29,7 +29,7 @@ def test_defaults_keep_the_one_process_trainer():
                                                    r"mini_batch_size 8"),
     (dict(trainer="deepspeed", trainer_workers=2, micro_batch_size=3),
      r"^micro_batch_size: must divide a rank's 4 rows"),
-    (dict(micro_batch_size=2), r"^micro_batch_size: is a deepspeed trainer setting"),
+    (dict(micro_batch_size=3), r"^micro_batch_size: must divide a rank's 8 rows"),
     (dict(bf16=True), r"^bf16: bf16 and gradient_checkpointing are deepspeed"),
     (dict(rollout_engines=0), r"^rollout_engines: must be >= 1"),
 ])

@@ -2,7 +2,8 @@
 on a local Ray with the tiny model, two gloo ranks on CPU.
 
 (a) equivalence: the group's old/reference log-probs and values, one PPO update's losses and
-    the updated weights equal the one-process trainer's on the same rollouts (same AdamW);
+    the updated weights equal the one-process trainer's on the same rollouts (same AdamW); and
+    the one-process trainer's update is the same in micro-batches as on whole minibatches;
 (b) weight sync: after an update, the rollout engine's log-probs for the same tokens equal the
     trainer's, for the group's full weights (a safetensors folder rank 0 wrote once) and for a
     LoRA adapter (a new LoRARequest), with either trainer.
@@ -113,6 +114,33 @@ def test_group_update_equals_the_one_process_update(ray_local, tiny_model, tmp_p
     finally:
         ray.kill(group)
         ray.kill(torch_trainer)
+
+
+def test_micro_batches_give_the_whole_minibatch_update(tiny_model, tmp_path):
+    """The one-process trainer (no Ray needed: a plain class) accumulating one row at a time
+    makes the update it makes on whole minibatches: the same losses and weights."""
+    from dromedary_ray.runtime.ppo import loop as L
+    from dromedary_ray.runtime.ppo.trainer import PPOTrainer
+
+    cfg = _cfg()
+    whole, by_row = (PPOTrainer(tiny_model, c, engine=ENGINE)
+                     for c in (cfg, _cfg(micro_batch_size=1)))
+    rollouts = _rollouts()
+    for name in ("policy_logprobs", "ref_logprobs", "values"):
+        assert _max_gap(getattr(whole, name)(rollouts), getattr(by_row, name)(rollouts)) < 1e-5
+        rollouts = L.with_column(rollouts, name, getattr(whole, name)(rollouts))
+    rollouts = L.with_column(rollouts, "logprobs", rollouts["policy_logprobs"].to_pylist())
+    rollouts, _ = L.advantages(cfg, rollouts)
+    a, b = whole.update(rollouts, 1), by_row.update(rollouts, 1)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    moved = max(float((p1 - p0).abs().max().detach()) for p1, p0 in
+                zip(whole.policy.parameters(), PPOTrainer(tiny_model, cfg, engine=ENGINE)
+                    .policy.parameters(), strict=True))
+    gap = max(float((p1 - p2).abs().max().detach()) for p1, p2 in
+              zip(whole.policy.parameters(), by_row.policy.parameters(), strict=True))
+    assert moved > 1e-3 and gap < 0.02 * moved, (moved, gap)
 
 
 @pytest.mark.parametrize("trainer,lora", [("deepspeed", False), ("torch", True),

@@ -18,35 +18,27 @@ one-process trainer; a rank takes an equal slice of each minibatch, in micro-bat
 `ppo.micro_batch_size`, and back-propagates its slice's token-mean loss scaled by its share of
 the minibatch's tokens times the world size: DeepSpeed averages gradients over ranks, so the
 update is the full minibatch's token mean, as on one process (tests/test_ppo_deepspeed.py).
+That walk, and the forward passes, are `core.TrainerCore`'s, shared with the one-process
+trainer; this class adds the DeepSpeed engines, the process group and ZeRO checkpoints.
 After each update rank 0 writes the consolidated policy (or the adapter) once for the engines.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import socket
-from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
 
-from dromedary_ray.algos.ppo import minibatches, unpad
 from dromedary_ray.config import EngineConfig, PPOConfig, TrainConfig
 from dromedary_ray.errors import DromedaryError
+from dromedary_ray.runtime.ppo.core import TrainerCore
 from dromedary_ray.runtime.ppo.forward import (
     ADAMW_WEIGHT_DECAY,
-    LOSS_STATS,
-    Batch,
     TokenValues,
-    build_batch,
     drop_older_versions,
-    policy_terms,
-    row_columns,
-    token_logprobs,
-    token_values,
-    value_terms,
     write_weights_folder,
 )
 from dromedary_ray.runtime.ppo.rollout import WeightsUpdate
@@ -75,10 +67,20 @@ class PPOTrainerGroup:
         ray.get([r.join.remote(address) for r in self.ranks])  # init_process_group is collective
 
     def _all(self, method: str, *args: Any) -> list[Any]:
+        """`method(*args)` on every rank; each rank's result, in rank order.
+
+        A rank that dies fails the call at once: the others would wait in their next collective
+        for it until the process group's timeout (30 minutes), so they are not waited for.
+        """
         import ray
 
         refs = [ray.put(a) if isinstance(a, pa.Table) else a for a in args]  # one copy for all
-        return ray.get([getattr(r, method).remote(*refs) for r in self.ranks])
+        calls = [getattr(r, method).remote(*refs) for r in self.ranks]
+        pending = list(calls)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # raises here, with the dead rank's actor id, if it died
+        return ray.get(calls)
 
     def policy_logprobs(self, rollouts: pa.Table) -> list[list[float]]:
         return [row for part in self._all("policy_logprobs", rollouts) for row in part]
@@ -110,7 +112,7 @@ class PPOTrainerGroup:
         return {"ranks": ranks, "critic": ranks[0]["critic"], "pid": os.getpid()}
 
 
-class PPORank:
+class PPORank(TrainerCore):
     """One rank: DeepSpeed ZeRO-3 engines for the policy, the critic and the reference."""
 
     def __init__(self, rank: int, world: int, policy_path: str, cfg: PPOConfig,
@@ -126,7 +128,7 @@ class PPORank:
         random.seed(cfg.seed)
         self.temperature = cfg.sampling.temperature
         self.share = cfg.mini_batch_size // world  # rows of each minibatch on this rank
-        self.micro = train.micro_batch_size
+        self.micro = train.micro_batch_size  # rows per forward/backward
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -189,106 +191,28 @@ class PPORank:
         engine.train(self.train.gradient_checkpointing)
         return engine
 
-    # --- forward passes over this rank's rows --------------------------------------------------
+    # --- the hooks of TrainerCore: DeepSpeed engines ------------------------------------------
 
-    def _rows_pass(self, rollouts: pa.Table, fn: Any) -> list[list[float]]:
-        """`fn(batch, rows)` over this rank's contiguous block of rows, in micro-batches.
+    def _peft_policy(self) -> Any:
+        return self.policy.module
 
-        Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively
-        in each): one whose block ran out forwards row 0 and drops the result.
-        """
-        import torch
+    def _backward(self, which: str, loss: Any, last: bool) -> None:
+        engine = self.policy if which == "policy" else self.critic
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss, scale_wrt_gas=False)  # the core weighted it already
 
-        b = build_batch(rollouts, self.pad_id)
-        n = len(b.lengths)
-        block = math.ceil(n / self.world)
-        mine = list(range(self.rank * block, min(n, (self.rank + 1) * block)))
-        out: list[list[float]] = []
-        with torch.no_grad():
-            for j in range(math.ceil(block / self.micro)):
-                rows = mine[j * self.micro:(j + 1) * self.micro]
-                values = fn(b, rows or [0]).cpu()
-                if rows:
-                    out.extend(unpad(values, [b.lengths[i] for i in rows]))
-        return out
+    def _optimizer_step(self, which: str) -> float:
+        engine = self.policy if which == "policy" else self.critic
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
 
-    def _logprobs(self, model: Any, b: Batch, rows: list[int]) -> Any:
-        return token_logprobs(model, b, rows, self.device, self.temperature)[0]
-
-    def policy_logprobs(self, rollouts: pa.Table) -> list[list[float]]:
-        return self._rows_pass(rollouts, lambda b, i: self._logprobs(self.policy, b, i))
-
-    def ref_logprobs(self, rollouts: pa.Table) -> list[list[float]]:
-        if self.ref is not None:
-            return self._rows_pass(rollouts, lambda b, i: self._logprobs(self.ref, b, i))
-        with self.policy.module.disable_adapter():  # LoRA: the base is the SFT model
-            return self._rows_pass(rollouts, lambda b, i: self._logprobs(self.policy, b, i))
-
-    def values(self, rollouts: pa.Table) -> list[list[float]]:
-        if self.critic is None:
-            raise DromedaryError(f"advantage {self.cfg.advantage} runs without a critic")
-        return self._rows_pass(rollouts, lambda b, i: token_values(self.critic, b, i,
-                                                                   self.device))
-
-    # --- the update ----------------------------------------------------------------------------
-
-    def update(self, rollouts: pa.Table, step: int) -> dict[str, float]:
-        """The one-process trainer's update, data-parallel: the same minibatches, each split
-        evenly over the ranks; global mean metrics (the same on every rank)."""
-        b = build_batch(rollouts, self.pad_id)
-        col = row_columns(rollouts, b, self.critic is not None)
-        stats: dict[str, list[float]] = defaultdict(list)
-        for epoch in range(self.cfg.ppo_epochs):
-            for idx in minibatches(len(b.lengths), self.cfg.mini_batch_size, self.cfg.seed,
-                                   step, epoch):
-                mine = idx[self.rank * self.share:(self.rank + 1) * self.share]
-                tokens = float(b.mask[idx].sum())  # the whole minibatch's, all ranks
-                for k, v in self._policy_step(b, mine, col, tokens).items():
-                    stats[k].append(v)
-                if self.critic is not None:
-                    for k, v in self._value_step(b, mine, col, tokens).items():
-                        stats[k].append(v)
-        return {k: sum(v) / len(v) for k, v in stats.items()}
-
-    def _accumulate(self, engine: Any, terms_fn: Any, b: Batch, mine: list[int],
-                    tokens: float) -> tuple[list[float], float]:
-        """Back-propagate `terms_fn`'s loss over `mine` in micro-batches, each weighted by its
-        share of the minibatch's tokens (x world: DeepSpeed averages over ranks), then step.
-        Returns the minibatch's token-mean terms (all ranks) and the gradient norm."""
+    def _sum_over_ranks(self, sums: Any) -> Any:
         import torch.distributed as dist
 
-        micros = [mine[i:i + self.micro] for i in range(0, len(mine), self.micro)]
-        sums = None
-        for j, rows in enumerate(micros):
-            engine.set_gradient_accumulation_boundary(j == len(micros) - 1)
-            loss, terms = terms_fn(rows)
-            weight = float(b.mask[rows].sum()) / tokens
-            engine.backward(loss * (weight * self.world), scale_wrt_gas=False)
-            sums = terms * weight if sums is None else sums + terms * weight
-        engine.step()
         sums = sums.to(self.device)
         dist.all_reduce(sums)  # a few scalars: the minibatch's exact token means for the log
-        norm = engine.get_global_grad_norm()
-        return sums.cpu().tolist(), float("nan") if norm is None else float(norm)
-
-    def _policy_step(self, b: Batch, mine: list[int], col: dict[str, Any],
-                     tokens: float) -> dict[str, float]:
-        terms, norm = self._accumulate(
-            self.policy, lambda rows: policy_terms(self.policy, b, rows, col, self.cfg.clip_eps,
-                                                   self.device, self.temperature),
-            b, mine, tokens)
-        out = dict(zip(LOSS_STATS, terms, strict=True))
-        return {"policy_loss": out["loss"], "clip_fraction": out["clip_fraction"],
-                "approx_kl": out["approx_kl"], "entropy": out["entropy"],
-                "policy_grad_norm": norm}
-
-    def _value_step(self, b: Batch, mine: list[int], col: dict[str, Any],
-                    tokens: float) -> dict[str, float]:
-        (loss, clip), norm = self._accumulate(
-            self.critic, lambda rows: value_terms(self.critic, b, rows, col,
-                                                  self.cfg.value_clip_eps, self.device),
-            b, mine, tokens)
-        return {"value_loss": loss, "value_clip_fraction": clip, "value_grad_norm": norm}
+        return sums.cpu()
 
     # --- weights out, checkpoints -------------------------------------------------------------
 

@@ -59,29 +59,48 @@ def row_columns(rollouts: pa.Table, b: Batch, with_critic: bool) -> dict[str, An
     return {k: pad_right(rollouts[k].to_pylist(), b.mask.shape[1]) for k in keys}
 
 
+def row_inputs(b: Batch, idx: list[int], device: Any) -> tuple[Any, Any, Any]:
+    """(input ids, attention mask, positions) of rows `idx`, cut to the longest of those rows:
+    the batch is padded to the step's longest sequence, and a forward over a micro-batch of
+    short rows need not pay for it. Sequences are right-padded, so the cut columns are padding
+    that no kept position attends to; positions past a row's end are masked out anyway."""
+    width = int(b.attention[idx].sum(1).max())
+    return (b.input_ids[idx, :width].to(device), b.attention[idx, :width].to(device),
+            b.positions[idx].clamp(max=width - 1).to(device))
+
+
 def response_logits(model: Any, b: Batch, idx: list[int], device: Any,
                     temperature: float) -> Any:
     """Temperature-scaled logits scoring each response token of rows `idx`: [b, T, V]."""
-    ids, att, pos = (t[idx].to(device) for t in (b.input_ids, b.attention, b.positions))
+    import torch
+
+    ids, att, pos = row_inputs(b, idx, device)
     # Only positions from the earliest response start on are needed: skip the rest.
     keep = ids.shape[1] - int(pos[:, 0].min())
     logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
     pos = pos - (ids.shape[1] - keep)
-    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-    return picked.float() / temperature
+    # Row-and-position indexing, not `gather`: its backward keeps only the [b, T] positions,
+    # where gather's would keep a [b, T, V] int64 index (twice the logits' own size).
+    picked = logits[torch.arange(len(idx), device=device)[:, None], pos].float()
+    return picked / temperature if temperature != 1.0 else picked
+
+
+def logprobs_of(logits: Any, tokens: Any) -> Any:
+    """log softmax(logits)[token] for [b, T, V] logits and [b, T] tokens, with no [b, T, V]
+    log-softmax copy (for backward, logsumexp keeps only the logits it already has)."""
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def token_logprobs(model: Any, b: Batch, idx: list[int], device: Any,
-                   temperature: float) -> tuple[Any, Any]:
-    """(log-prob of each response token [b, T], the logits [b, T, V]) for rows `idx`."""
+                   temperature: float) -> Any:
+    """The log-prob of each response token of rows `idx`: [b, T]."""
     logits = response_logits(model, b, idx, device, temperature)
-    resp = b.response_ids[idx].to(device)
-    return logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1), logits
+    return logprobs_of(logits, b.response_ids[idx].to(device))
 
 
 def token_values(critic: Any, b: Batch, idx: list[int], device: Any) -> Any:
     """The critic's value of the state before each response token of rows `idx`: [b, T]."""
-    ids, att, pos = (t[idx].to(device) for t in (b.input_ids, b.attention, b.positions))
+    ids, att, pos = row_inputs(b, idx, device)
     values = critic(input_ids=ids, attention_mask=att)  # [b, L]
     return values.gather(1, pos).float()
 
@@ -90,13 +109,17 @@ def policy_terms(policy: Any, b: Batch, idx: list[int], col: dict[str, Any], cli
                  device: Any, temperature: float) -> tuple[Any, Any]:
     """(the clipped surrogate of rows `idx` to back-propagate, [loss, clip fraction, approx
     KL, entropy] detached): each a mean over the rows' response tokens."""
+    import torch
+
     from dromedary_ray.algos.rl import entropy_from_logits, masked_mean, ppo_policy_loss
 
     mask = b.mask[idx].to(device)
-    logprobs, logits = token_logprobs(policy, b, idx, device, temperature)
+    logits = response_logits(policy, b, idx, device, temperature)
+    logprobs = logprobs_of(logits, b.response_ids[idx].to(device))
     out = ppo_policy_loss(logprobs, col["policy_logprobs"][idx].to(device),
                           col["advantages"][idx].to(device), mask, clip_eps)
-    entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+    with torch.no_grad():
+        entropy = masked_mean(entropy_from_logits(logits), mask)
     stats = torch.stack([out.loss.detach(), out.clip_frac, out.approx_kl, entropy])
     return out.loss, stats.double().cpu()
 

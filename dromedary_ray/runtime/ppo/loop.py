@@ -122,17 +122,20 @@ def run_ppo(prompts: Sequence[PromptRow], *, policy_path: str, reward: str | Rew
                           trainer_only=start == cfg.steps, sync_dir=str(stage_dir / SYNC))
     try:
         if checkpoint is not None:
-            ray.get(actors.trainer.load.remote(str(checkpoint.path)))
-            log.warning("ppo: resuming from %s (step %d of %d)", checkpoint.path,
-                        checkpoint.step, cfg.steps)
-        if start == cfg.steps and checkpoint is not None:
-            log.warning("ppo: the checkpoint is at the last step (%d): no step to run, the final "
-                        "model is the checkpoint's policy", start)
-        elif checkpoint is not None:
-            sync_weights(actors, start)  # the engines start from the SFT weights
+            with actor_deaths(actors, start + 1, start,
+                              phase=f"while resuming from the checkpoint at step {start}"):
+                ray.get(actors.trainer.load.remote(str(checkpoint.path)))
+                log.warning("ppo: resuming from %s (step %d of %d)", checkpoint.path,
+                            checkpoint.step, cfg.steps)
+                if start == cfg.steps:
+                    log.warning("ppo: the checkpoint is at the last step (%d): no step to run, "
+                                "the final model is the checkpoint's policy", start)
+                else:
+                    sync_weights(actors, start)  # the engines start from the SFT weights
         loop = Loop(prompts, load_salmon_principles(cfg.principles_file), cfg, actors, store)
         metrics = train_steps(loop, start, stage_dir, fp)
-        model_dir = ray.get(actors.trainer.save_pretrained.remote(store.model_dir))
+        with actor_deaths(actors, cfg.steps, cfg.steps, phase="while writing the final model"):
+            model_dir = ray.get(actors.trainer.save_pretrained.remote(store.model_dir))
     finally:
         stop_actors(actors)
     return PPOResult(model_dir, cfg.steps, len(metrics), start,
@@ -142,10 +145,12 @@ def run_ppo(prompts: Sequence[PromptRow], *, policy_path: str, reward: str | Rew
 def train_steps(loop: Loop, start: int, stage_dir: Path, fp: str) -> list[dict[str, float]]:
     """Steps start+1 .. cfg.steps, each logged and checkpointed on schedule."""
     import ray
+    from tqdm import tqdm
 
     cfg, metrics = loop.cfg, []
     steps_log = StepLog(stage_dir, start)
     saved = start  # the newest checkpoint's step: where a rerun would resume
+    bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="step", dynamic_ncols=True)
     try:
         for step in range(start + 1, cfg.steps + 1):
             with actor_deaths(loop.actors, step, saved):
@@ -158,15 +163,21 @@ def train_steps(loop: Loop, start: int, stage_dir: Path, fp: str) -> list[dict[s
                     saved = step
             steps_log.write(row)
             metrics.append(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}",
+                            length=f"{row['response_length']:.0f}")
             maybe_die("ppo_step")  # fault tests: the driver dies after a finished step
     finally:
+        bar.close()
         steps_log.close()
     return metrics
 
 
 @contextmanager
-def actor_deaths(actors: Actors, step: int, saved: int) -> Iterator[None]:
-    """Turn an actor's death during `step` into our `ActorLostError`, naming the actor.
+def actor_deaths(actors: Actors, step: int, saved: int,
+                 phase: str | None = None) -> Iterator[None]:
+    """Turn an actor's death during `step` (or during `phase`, between steps) into our
+    `ActorLostError`, naming the actor.
 
     Ray's own error names only an actor id, and nobody restarts the actor mid-step: its engine
     state and the trainer's are not worth rebuilding by hand when a checkpoint exists. Nothing
@@ -179,7 +190,10 @@ def actor_deaths(actors: Actors, step: int, saved: int) -> Iterator[None]:
     try:
         yield
     except ray.exceptions.RayActorError as err:
-        raise ActorLostError("ppo", actor_role(actors, err.actor_id), step, saved) from err
+        # A DeepSpeed rank's death reaches us wrapped in the group actor's task error, which
+        # may not carry the actor id: no id means "trainer" (actor_role).
+        role = actor_role(actors, getattr(err, "actor_id", None))
+        raise ActorLostError("ppo", role, step, saved, phase) from err
 
 
 def actor_role(actors: Actors, actor_id: str | None) -> str:

@@ -8,9 +8,10 @@
 - reference: a frozen copy of the SFT model, for the KL penalty; with `ppo.lora` the policy's
   own base with its adapter switched off (no second copy).
 
-All three are fp32 (AdamW on bf16 weights loses small updates). The batch, the forward passes
-and the losses are `forward.py`'s, shared with the DeepSpeed ZeRO-3 trainer group
-(`ds_trainer.py`, `ppo.trainer: deepspeed`) that models too large for one process need.
+All three are fp32 (AdamW on bf16 weights loses small updates). The forward passes and the
+update are `core.TrainerCore`'s, shared with the DeepSpeed ZeRO-3 trainer group (`ds_trainer.py`,
+`ppo.trainer: deepspeed`) that models too large for one process need; this class adds plain
+autograd, AdamW, checkpoints and the weights the engines load.
 """
 
 from __future__ import annotations
@@ -19,31 +20,19 @@ import copy
 import os
 import random
 import shutil
-from collections import defaultdict
 from typing import Any
 
-import pyarrow as pa
-
-from dromedary_ray.algos.ppo import minibatches, unpad
 from dromedary_ray.config import EngineConfig, PPOConfig
 from dromedary_ray.errors import DromedaryError
-from dromedary_ray.runtime.ppo.forward import (
-    ADAMW_WEIGHT_DECAY,
-    Batch,
-    TokenValues,
-    build_batch,
-    policy_terms,
-    row_columns,
-    token_logprobs,
-    token_values,
-    value_terms,
-)
+from dromedary_ray.runtime.faults import maybe_die
+from dromedary_ray.runtime.ppo.core import TrainerCore
+from dromedary_ray.runtime.ppo.forward import ADAMW_WEIGHT_DECAY, TokenValues
 from dromedary_ray.runtime.ppo.rollout import WeightsUpdate
 
 STATE_FILE = "trainer.pt"
 
 
-class PPOTrainer:
+class PPOTrainer(TrainerCore):
     def __init__(self, policy_path: str, cfg: PPOConfig, value_init_path: str | None = None, *,
                  engine: EngineConfig, sync_dir: str | None = None):
         """On a GPU when the engines use GPUs, with an engine's share of CPU threads.
@@ -55,6 +44,8 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.cfg, self.sync_dir = cfg, sync_dir
+        self.rank, self.world = 0, 1
+        self.micro = cfg.micro_batch_size or cfg.mini_batch_size  # rows per forward/backward
         use_gpu = engine.gpus_per_engine > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.temperature = cfg.sampling.temperature
@@ -75,82 +66,19 @@ class PPOTrainer:
         self.value_opt = (_adamw(self.critic, cfg.value_learning_rate)
                           if self.critic is not None else None)
 
-    # --- forward passes over rollouts ---------------------------------------------------------
+    # --- the hooks of TrainerCore: plain autograd and AdamW -----------------------------------
 
-    def _no_grad_pass(self, rollouts: pa.Table, fn: Any) -> list[list[float]]:
+    def _peft_policy(self) -> Any:
+        return self.policy
+
+    def _backward(self, which: str, loss: Any, last: bool) -> None:
+        loss.backward()  # gradients add up over the micro-batches until the step
+
+    def _optimizer_step(self, which: str) -> float:
         import torch
 
-        b = build_batch(rollouts, self.pad_id)
-        size = self.cfg.mini_batch_size
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, len(b.lengths), size):
-                chunks.append(fn(b, list(range(start, min(start + size, len(b.lengths))))).cpu())
-        width = b.mask.shape[1]
-        padded = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunks])
-        return unpad(padded, b.lengths)
-
-    def _logprobs(self, model: Any, b: Batch, idx: list[int]) -> Any:
-        return token_logprobs(model, b, idx, self.device, self.temperature)[0]
-
-    def policy_logprobs(self, rollouts: pa.Table) -> list[list[float]]:
-        """Each response token's log-prob under the current policy (PPO's "old" policy)."""
-        return self._no_grad_pass(rollouts, lambda b, i: self._logprobs(self.policy, b, i))
-
-    def ref_logprobs(self, rollouts: pa.Table) -> list[list[float]]:
-        """Each response token's log-prob under the frozen reference (the SFT model)."""
-        if self.ref is not None:
-            return self._no_grad_pass(rollouts, lambda b, i: self._logprobs(self.ref, b, i))
-        with self.policy.disable_adapter():  # LoRA: the base is the SFT model
-            return self._no_grad_pass(rollouts, lambda b, i: self._logprobs(self.policy, b, i))
-
-    def values(self, rollouts: pa.Table) -> list[list[float]]:
-        """The critic's value of the state before each response token."""
-        if self.critic is None:
-            raise DromedaryError(f"advantage {self.cfg.advantage} runs without a critic")
-        return self._no_grad_pass(rollouts,
-                                  lambda b, i: token_values(self.critic, b, i, self.device))
-
-    # --- the update ---------------------------------------------------------------------------
-
-    def update(self, rollouts: pa.Table, step: int) -> dict[str, float]:
-        """`ppo_epochs` passes over the rollouts in shuffled minibatches; mean metrics.
-
-        Reads `policy_logprobs` (old), `advantages`, and for the critic `values` (old) and
-        `returns` from the rows.
-        """
-        b = build_batch(rollouts, self.pad_id)
-        col = row_columns(rollouts, b, self.critic is not None)
-        stats: dict[str, list[float]] = defaultdict(list)
-        for epoch in range(self.cfg.ppo_epochs):
-            for idx in minibatches(len(b.lengths), self.cfg.mini_batch_size, self.cfg.seed,
-                                   step, epoch):
-                for k, v in self._policy_step(b, idx, col).items():
-                    stats[k].append(v)
-                if self.critic is not None:
-                    for k, v in self._value_step(b, idx, col).items():
-                        stats[k].append(v)
-        return {k: sum(v) / len(v) for k, v in stats.items()}
-
-    def _policy_step(self, b: Batch, idx: list[int], col: dict[str, Any]) -> dict[str, float]:
-        loss, terms = policy_terms(self.policy, b, idx, col, self.cfg.clip_eps, self.device,
-                                   self.temperature)
-        loss.backward()
-        norm = self._step(self.policy, self.policy_opt)
-        loss_v, clip, kl, entropy = terms.tolist()
-        return {"policy_loss": loss_v, "clip_fraction": clip, "approx_kl": kl,
-                "entropy": entropy, "policy_grad_norm": norm}
-
-    def _value_step(self, b: Batch, idx: list[int], col: dict[str, Any]) -> dict[str, float]:
-        loss, terms = value_terms(self.critic, b, idx, col, self.cfg.value_clip_eps, self.device)
-        loss.backward()
-        norm = self._step(self.critic, self.value_opt)
-        loss_v, clip = terms.tolist()
-        return {"value_loss": loss_v, "value_clip_fraction": clip, "value_grad_norm": norm}
-
-    def _step(self, model: Any, opt: Any) -> float:
-        import torch
-
+        model, opt = (self.policy, self.policy_opt) if which == "policy" else \
+            (self.critic, self.value_opt)
         limit = self.cfg.max_grad_norm or float("inf")  # 0: report the norm, clip nothing
         trainable = [p for p in model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(trainable, limit)
@@ -187,6 +115,7 @@ class PPOTrainer:
     def load(self, folder: str) -> None:
         import torch
 
+        maybe_die("trainer_load")  # fault tests: the trainer dies while a run resumes
         # weights_only: tensors, numbers and containers only, so a tampered checkpoint cannot
         # run code on load (RNG states and optimizer states are all of those).
         state = torch.load(os.path.join(folder, STATE_FILE), map_location=self.device,
