@@ -120,12 +120,23 @@ async def client_loop(client: Any, url: str, seed: int, deadline: float, tally: 
 
 
 def replica_processes() -> list[Any]:
-    """The replica (Ray titles it `ray::ServeReplica:<app>:ChatServer`) and its vLLM engine."""
+    """The replica (Ray titles it `ray::ServeReplica:<app>:ChatServer`) of our own local Ray
+    cluster: among this process's descendants (its raylet starts the workers), so that a soak
+    elsewhere on the machine, with a replica of the same name, is not taken for ours."""
     import psutil
 
-    found = [p for p in psutil.process_iter(["cmdline"])
-             if any(f"ServeReplica:{APP}:ChatServer" in c for c in p.info["cmdline"] or [])]
-    return found
+    ours = psutil.Process().children(recursive=True)
+    return [p for p in ours
+            if any(f"ServeReplica:{APP}:ChatServer" in c for c in _cmdline(p))]
+
+
+def _cmdline(proc: Any) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
 
 
 def replica_identity() -> tuple[int, float]:

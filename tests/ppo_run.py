@@ -2,7 +2,8 @@
 (`test_ppo.py -k killed_run`, `faults/test_fault_ppo.py`).
 
 The driver joins the tests' local Ray cluster, runs `run_ppo` on the tiny model with a
-programmatic reward (4 prompts, 2 per step, a checkpoint every 2 steps) and prints one
+programmatic reward (4 prompts, 2 per step, a checkpoint every 2 steps; the one-process trainer
+or a 2-rank DeepSpeed group) and prints one
 `RESULT {...}` line; like `dromedary run`, it prints our own errors as one `error: ...` line and
 exits 2.
 """
@@ -28,10 +29,11 @@ RUN_SCRIPT = textwrap.dedent("""
     def low_id_share(prompts, responses, token_ids):
         return [sum(t < 6144 for t in ids) / max(len(ids), 1) for ids in token_ids]
 
-    address, run_dir, model, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    address, run_dir, model, steps, trainer = sys.argv[1:6]
     connect(RayConfig(address=address))
-    cfg = PPOConfig(steps=steps, prompts_per_step=2, mini_batch_size=2, ppo_epochs=1,
+    cfg = PPOConfig(steps=int(steps), prompts_per_step=2, mini_batch_size=2, ppo_epochs=1,
                     learning_rate=1e-3, value_init="policy", checkpoint_every_steps=2,
+                    trainer=trainer, trainer_workers=2 if trainer == "deepspeed" else 1,
                     sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8))
     prompts = [PromptRow(f"p{i}", "seed", f"Question {i}?") for i in range(4)]
     try:
@@ -55,13 +57,15 @@ def write_script(folder: Path) -> Path:
 
 
 def run_ppo_script(script: Path, address: str, run_dir: Path, model: str, steps: int,
-                   fault: str | None = None) -> subprocess.CompletedProcess:
-    """The driver to its end; `fault` becomes its DROMEDARY_FAULT (none inherited)."""
+                   fault: str | None = None, trainer: str = "torch"
+                   ) -> subprocess.CompletedProcess:
+    """The driver to its end; `fault` becomes its DROMEDARY_FAULT (none inherited); `trainer`:
+    torch (one process) or deepspeed (2 ZeRO-3 ranks)."""
     env = {k: v for k, v in os.environ.items() if k != "DROMEDARY_FAULT"}
     if fault:
         env["DROMEDARY_FAULT"] = fault
-    return subprocess.run([sys.executable, str(script), address, str(run_dir), model, str(steps)],
-                          env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run([sys.executable, str(script), address, str(run_dir), model, str(steps),
+                           trainer], env=env, capture_output=True, text=True, timeout=400)
 
 
 def script_result(proc: subprocess.CompletedProcess) -> dict:

@@ -1,11 +1,12 @@
-"""The PPO stage under faults: its rollout actor, or its reward actor, SIGKILLed mid-step.
+"""The PPO stage under faults: its rollout actor, its reward actor, or its trainer (the
+one-process trainer, or one rank of a 2-rank DeepSpeed ZeRO-3 group) SIGKILLed mid-step.
 
 Each case kills the actor in step 3 of 4 (checkpoint at step 2), expects the run to stop with
 our error naming the actor and the checkpoint, runs it again, and compares it with one
-uninterrupted run: the rerun resumed from step 2 (not 0), every step is logged once, the
-per-step rollout shards hold the reference's row ids (none twice, none lost) and rows, and the
-final policy is the reference's. Two fast cases check the error's wording and which actor it
-names.
+uninterrupted run with the same trainer: the rerun resumed from step 2 (not 0), every step is
+logged once, the per-step rollout shards hold the reference's row ids (none twice, none lost)
+and rows, and the final policy is the reference's. Two fast cases check the error's wording and
+which actor it names.
 """
 
 from __future__ import annotations
@@ -34,31 +35,47 @@ def ppo_driver(ray_local, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def ppo_reference(ppo_driver, tiny_model, tmp_path_factory) -> Path:
-    """One uninterrupted run of the driver, shared by both cases."""
+def ppo_reference(ppo_driver, tiny_model, tmp_path_factory):
+    """`reference(trainer)`: one uninterrupted run of the driver per trainer, made on first use
+    and shared by that trainer's cases."""
     from safetensors.torch import load_file
 
     script, address = ppo_driver
-    run_dir = tmp_path_factory.mktemp("ppo_reference") / "run"
-    result = script_result(run_ppo_script(script, address, run_dir, tiny_model, STEPS))
-    assert result["resumed_from_step"] == 0 and result["steps_run"] == STEPS
-    # Every tensor moved from the tiny model's: the cases' equal weights are not "untrained".
-    start, end = load_file(Path(tiny_model) / "model.safetensors"), final_weights(run_dir)
-    assert start.keys() == end.keys() and not any(start[k].equal(end[k]) for k in end)
-    return run_dir
+    made: dict[str, Path] = {}
+
+    def reference(trainer: str) -> Path:
+        if trainer not in made:
+            run_dir = tmp_path_factory.mktemp(f"ppo_reference_{trainer}") / "run"
+            result = script_result(run_ppo_script(script, address, run_dir, tiny_model, STEPS,
+                                                  trainer=trainer))
+            assert result["resumed_from_step"] == 0 and result["steps_run"] == STEPS
+            # Every tensor moved from the tiny model's: equal weights are not "untrained".
+            start, end = load_file(Path(tiny_model) / "model.safetensors"), final_weights(run_dir)
+            assert start.keys() == end.keys() and not any(start[k].equal(end[k]) for k in end)
+            made[trainer] = run_dir
+        return made[trainer]
+
+    return reference
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("actor, point", [("rollout", "rollout_generate"),
-                                          ("reward", "reward_score")])
-def test_ppo_actor_killed_mid_step_resumes_from_checkpoint(actor, point, ppo_driver,
+@pytest.mark.parametrize("actor, point, trainer, again_on_resume", [
+    ("rollout", "rollout_generate", "torch", False),
+    ("reward", "reward_score", "torch", False),
+    # and once more while the rerun loads the checkpoint, before its first step
+    ("trainer", "trainer_update", "torch", True),
+    ("trainer", "trainer_update", "deepspeed", False),  # one rank dies; the other must not hang
+], ids=["rollout", "reward", "trainer", "deepspeed-rank"])
+def test_ppo_actor_killed_mid_step_resumes_from_checkpoint(actor, point, trainer,
+                                                           again_on_resume, ppo_driver,
                                                            ppo_reference, tiny_model, tmp_path):
+    reference = ppo_reference(trainer)
     script, address = ppo_driver
     run_dir, marker = tmp_path / "run", tmp_path / "fired"
     stage = run_dir / "ppo"
-    # Each actor's generate / score runs once per step: its 3rd call is step 3's.
+    # Each actor's generate / score / update runs once per step: its 3rd call is step 3's.
     killed = run_ppo_script(script, address, run_dir, tiny_model, STEPS,
-                            fault=f"{point}:{KILLED_STEP}:{marker}")
+                            fault=f"{point}:{KILLED_STEP}:{marker}", trainer=trainer)
     assert marker.exists(), "the fault hook never fired: the case proved nothing"
     assert killed.returncode == 2, killed.stderr[-3000:]
     (error,) = [x for x in killed.stderr.splitlines() if x.startswith("error: ")]
@@ -72,18 +89,30 @@ def test_ppo_actor_killed_mid_step_resumes_from_checkpoint(actor, point, ppo_dri
     assert [p.name for p in (stage / "checkpoints").glob("step-*")] == ["step-000002"]
     assert not (stage / "model").exists()
 
-    resumed = script_result(run_ppo_script(script, address, run_dir, tiny_model, STEPS))
+    if again_on_resume:
+        second = tmp_path / "fired-on-load"
+        lost = run_ppo_script(script, address, run_dir, tiny_model, STEPS,
+                              fault=f"trainer_load:1:{second}", trainer=trainer)
+        assert second.exists() and lost.returncode == 2, lost.stderr[-3000:]
+        (error,) = [x for x in lost.stderr.splitlines() if x.startswith("error: ")]
+        assert error == (f"error: stage ppo: the trainer actor died while resuming from the "
+                         f"checkpoint at step {CHECKPOINT}; no finished step was lost. Run the "
+                         f"stage again to resume from the checkpoint at step {CHECKPOINT}")
+        assert logged_steps(stage / "ppo_steps.jsonl") == [1, 2]
+
+    resumed = script_result(run_ppo_script(script, address, run_dir, tiny_model, STEPS,
+                                           trainer=trainer))
     assert resumed["resumed_from_step"] == CHECKPOINT and resumed["steps_run"] == 2
     assert logged_steps(stage / "ppo_steps.jsonl") == [1, 2, 3, 4]
 
     # The rollouts, read as plain Parquet: the reference's ids, none twice, none lost.
-    ids, want = raw_ids(stage / "data"), raw_ids(ppo_reference / "ppo" / "data")
+    ids, want = raw_ids(stage / "data"), raw_ids(reference / "ppo" / "data")
     assert len(ids) == len(set(ids)), "a rollout row was written twice"
     assert sorted(ids) == sorted(want) and len(want) == STEPS * 2
     # Deterministic across the resume: per-request sampling seeds, the checkpoint's weights
     # synced to a fresh engine, and the trainer's optimizer and RNG states restored.
-    assert rows_by_id(stage / "data") == rows_by_id(ppo_reference / "ppo" / "data")
-    got, ref = final_weights(run_dir), final_weights(ppo_reference)
+    assert rows_by_id(stage / "data") == rows_by_id(reference / "ppo" / "data")
+    got, ref = final_weights(run_dir), final_weights(reference)
     assert got.keys() == ref.keys()
     assert all(got[k].equal(ref[k]) for k in ref)
 
@@ -110,3 +139,7 @@ def test_actor_lost_error_says_where_a_rerun_resumes():
     assert isinstance(err, StageError)
     assert (err.actor, err.step, err.resume_step) == ("reward", 1, 0)
     assert str(err).endswith("resume from step 0 (no checkpoint was written yet)")
+    last = ActorLostError("ppo", "trainer", 16, 16, phase="while writing the final model")
+    assert str(last) == ("stage ppo: the trainer actor died while writing the final model; no "
+                         "finished step was lost. Run the stage again to resume from the "
+                         "checkpoint at step 16")
