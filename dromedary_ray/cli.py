@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe from a config file")
     run.add_argument("config")
     run.add_argument("--run-dir", help="where the run's stages go (overrides run_dir)")
+    run.add_argument("--until", metavar="STAGE",
+                     help="stop after this stage of the recipe; run again without it to go on")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("config")
@@ -116,7 +118,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from dromedary_ray.pipeline.driver import format_summary, run_pipeline
 
-        overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+        overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else []) \
+            + ([f"until={args.until}"] if args.until else [])
         config = load_config(args.config, overrides)
         reports = run_pipeline(config)
         print(format_summary(reports))

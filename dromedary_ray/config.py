@@ -656,6 +656,9 @@ def _check_mapping(value: Any, key: str, kind: type, what: str, ok: Any) -> None
 class RunConfig:
     run_dir: str = "runs/local"
     recipe: str = "self_align"
+    # Stop after this stage of the recipe (`dromedary run --until STAGE`); a later run without
+    # it skips what is done and goes on. None: the whole recipe.
+    until: str | None = None
     model: str = "builtin:smollm2-135m"
     ray: RayConfig = field(default_factory=RayConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -673,10 +676,17 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.recipe in RECIPES, "recipe", f"unknown recipe; known: {', '.join(RECIPES)}")
+        _check(self.until is None or self.recipe not in ITERATED_RECIPES, "until",
+               f"recipe {self.recipe} runs in iterations; set {self.recipe}.iterations instead")
+        _check(self.until is None or self.until in RECIPES[self.recipe], "until",
+               f"{self.until!r} is not a stage of recipe {self.recipe} "
+               f"({', '.join(RECIPES[self.recipe])})")
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return RECIPES[self.recipe]
+        """The recipe's stages, up to `until` when set."""
+        stages = RECIPES[self.recipe]
+        return stages if self.until is None else stages[:stages.index(self.until) + 1]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

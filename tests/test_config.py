@@ -137,3 +137,24 @@ def test_pool_markers_default_to_none_and_reach_the_resource_requests():
 def test_pool_markers_are_validated_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "local.yaml", [override])
+
+
+def test_until_stops_the_recipe_after_a_stage_and_keeps_fingerprints():
+    from dromedary_ray.pipeline.driver import stage_fingerprints
+
+    whole = load_config(CONFIGS / "local.yaml", ["recipe=salmon"])
+    part = load_config(CONFIGS / "local.yaml", ["recipe=salmon", "until=engrave"])
+    assert part.stages == ("synthesize", "self_align", "engrave")
+    assert whole.stages[:3] == part.stages and len(whole.stages) == 7
+    # A later run without `until` finds these stages done: the same fingerprints.
+    full, cut = stage_fingerprints(whole), stage_fingerprints(part)
+    assert {k: full[k] for k in cut} == cut
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["until=ppo"], r"^until: 'ppo' is not a stage of recipe self_align \(seeds, self_align\)"),
+    (["recipe=isheep", "until=sft"], r"^until: recipe isheep runs in iterations"),
+])
+def test_until_names_what_is_wrong(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "local.yaml", overrides)
