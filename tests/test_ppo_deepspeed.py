@@ -135,12 +135,19 @@ def test_micro_batches_give_the_whole_minibatch_update(tiny_model, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    moved = max(float((p1 - p0).abs().max().detach()) for p1, p0 in
-                zip(whole.policy.parameters(), PPOTrainer(tiny_model, cfg, engine=ENGINE)
-                    .policy.parameters(), strict=True))
-    gap = max(float((p1 - p2).abs().max().detach()) for p1, p2 in
-              zip(whole.policy.parameters(), by_row.policy.parameters(), strict=True))
-    assert moved > 1e-3 and gap < 0.02 * moved, (moved, gap)
+    # Compared as whole-update norms: summation order differs per micro-batch, and Adam divides
+    # by sqrt(v), so a weight whose gradient is near zero can differ elementwise at lr scale
+    # (4% of the largest element was seen once) while the update as a whole agrees.
+    import torch
+
+    start = PPOTrainer(tiny_model, cfg, engine=ENGINE).policy
+    with torch.no_grad():
+        pairs = list(zip(whole.policy.parameters(), by_row.policy.parameters(),
+                         start.parameters(), strict=True))
+        moved = torch.sqrt(sum(((a - w0) ** 2).sum() for a, _, w0 in pairs)).item()
+        gap = torch.sqrt(sum(((a - b) ** 2).sum() for a, b, _ in pairs)).item()
+    print(f"update norm {moved:.3e}, gap norm {gap:.3e}")
+    assert moved > 1e-2 and gap < 0.01 * moved, (moved, gap)
 
 
 @pytest.mark.parametrize("trainer,lora", [("deepspeed", False), ("torch", True),
