@@ -1,6 +1,7 @@
 """Serve under load: a bounded soak of the chat API on 127.0.0.1, mixed good and bad requests.
 
     python benchmarks/soak.py [--minutes 5] [--clients 32] [--model builtin:tiny-llama]
+                              [--bad-fraction 0.35]
 
 One Ray Serve replica of `dromedary_ray.serve.app`; `--clients` concurrent clients send requests
 back to back for `--minutes`, about a third of them bad (broken JSON, missing or wrong-typed
@@ -230,6 +231,9 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--rss-growth-mib", type=float, default=64.0)
+    ap.add_argument("--bad-fraction", type=float, default=0.35,
+                    help="share of bad requests (0: good ones only, to tell a leak in the "
+                         "error paths from one in the answering path)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     from ray import serve
@@ -238,7 +242,7 @@ def main() -> int:
 
     url = start_server(resolve_model(args.model))
     try:
-        out = asyncio.run(soak(url, args.minutes * 60, args.clients))
+        out = asyncio.run(soak(url, args.minutes * 60, args.clients, args.bad_fraction))
     finally:
         serve.shutdown()
     problems = verdict(out, args.rss_growth_mib)
