@@ -549,6 +549,12 @@ class PPOConfig:
         _check(self.rollout_engines is None or self.rollout_engines >= 1, "rollout_engines",
                "must be >= 1 (or null for engine.num_engines)")
 
+    @property
+    def rows_per_forward(self) -> int:
+        """Rows in each forward/backward of either trainer: `micro_batch_size`, else a rank's
+        whole share of a minibatch."""
+        return self.micro_batch_size or self.mini_batch_size // self.trainer_workers
+
     def train_config(self, engine: EngineConfig) -> TrainConfig:
         """The TrainConfig the DeepSpeed trainer group runs with, derived from these fields.
 
@@ -557,14 +563,13 @@ class PPOConfig:
         Workers sit on GPUs when the rollout engines do, with an engine's share of CPUs.
         """
         lora = self.lora or PPOLoRAConfig()
-        rows_per_rank = self.micro_batch_size or self.mini_batch_size // self.trainer_workers
         return TrainConfig(
             method="lora" if self.lora else "full", lora_rank=lora.rank, lora_alpha=lora.alpha,
             lora_dropout=lora.dropout, lora_target_modules=lora.target_modules,
             num_workers=self.trainer_workers, use_gpu=engine.gpus_per_engine > 0,
             cpus_per_worker=engine.cpus_per_engine, epochs=self.ppo_epochs,
             learning_rate=self.learning_rate, max_grad_norm=self.max_grad_norm,
-            micro_batch_size=rows_per_rank, max_seq_len=engine.max_model_len, zero_stage=3,
+            micro_batch_size=self.rows_per_forward, max_seq_len=engine.max_model_len, zero_stage=3,
             bf16=self.bf16, gradient_checkpointing=self.gradient_checkpointing, seed=self.seed,
             warmup_ratio=0.0)
 

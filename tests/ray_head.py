@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dromedary_ray.config import PROJECT_ROOT
+from dromedary_ray.runtime.cluster import free_port
 
 BIN = Path(sys.executable).parent
 # What `ray job submit --working-dir` leaves out: the environment, runs and data files.
 JOB_EXCLUDES = '{"excludes": [".venv", "runs", ".git", "*.parquet"]}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

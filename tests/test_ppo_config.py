@@ -18,6 +18,7 @@ def test_defaults_keep_the_one_process_trainer():
     cfg = PPOConfig()
     assert (cfg.trainer, cfg.trainer_workers, cfg.lora, cfg.micro_batch_size) == \
         ("torch", 1, None, None)
+    assert cfg.rows_per_forward == cfg.mini_batch_size  # the whole minibatch at once
     local = load_config(PROJECT_ROOT / "configs" / "local.yaml").ppo
     assert local.trainer == "torch" and local.lora is None
 

@@ -20,6 +20,15 @@ POOL_KINDS = ("generation", "training")
 _pools: dict[str, str] = {}
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now (the OS's pick), for a server about to start."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def use_pools(cfg: RayConfig) -> None:
     """Ask for `cfg`'s pool markers from now on (none where it names none)."""
     _pools.clear()

@@ -172,12 +172,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 def deploy(app: serve.Application, name: str, host: str = "127.0.0.1", port: int = 0) -> str:
     """Start Serve's HTTP proxy on `host:port` (0: a free port) and run `app` at "/"; returns
     its URL. `dromedary serve`, the Serve tests and the benchmarks all start it this way."""
-    import socket
+    from dromedary_ray.runtime.cluster import free_port
 
-    if port == 0:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
+    port = port or free_port(host)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"

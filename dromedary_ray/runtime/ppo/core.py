@@ -32,20 +32,29 @@ from dromedary_ray.runtime.ppo.forward import (
 
 
 class TrainerCore:
-    """Set by a subclass: `cfg`, `rank`, `world`, `micro` (rows per forward), `device`,
+    """Set by a subclass: `cfg`, `rank`, `world`, `device`,
     `temperature`, `pad_id`, `policy`, `ref` (None with LoRA: the policy's base is the
     reference), `critic` (None for the critic-free advantages)."""
 
     cfg: PPOConfig
     rank: int
     world: int
-    micro: int
     device: Any
     temperature: float
     pad_id: int
     policy: Any
     ref: Any
     critic: Any
+
+    @property
+    def share(self) -> int:
+        """Rows of each minibatch this rank trains on."""
+        return self.cfg.mini_batch_size // self.world
+
+    @property
+    def micro(self) -> int:
+        """Rows in each forward and backward."""
+        return self.cfg.rows_per_forward
 
     # --- forward passes over rollouts ---------------------------------------------------------
 
@@ -104,12 +113,11 @@ class TrainerCore:
         maybe_die("trainer_update")  # fault tests: the trainer (or one rank) dies mid-step
         b = build_batch(rollouts, self.pad_id)
         col = row_columns(rollouts, b, self.critic is not None)
-        share = self.cfg.mini_batch_size // self.world
         stats: dict[str, list[float]] = defaultdict(list)
         for epoch in range(self.cfg.ppo_epochs):
             for idx in minibatches(len(b.lengths), self.cfg.mini_batch_size, self.cfg.seed,
                                    step, epoch):
-                mine = idx[self.rank * share:(self.rank + 1) * share]
+                mine = idx[self.rank * self.share:(self.rank + 1) * self.share]
                 tokens = float(b.mask[idx].sum())  # the whole minibatch's, all ranks
                 for k, v in self._policy_step(b, mine, col, tokens).items():
                     stats[k].append(v)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from typing import Any
 
 import pyarrow as pa
@@ -121,8 +120,6 @@ class PPORank(TrainerCore):
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.temperature = cfg.sampling.temperature
-        self.share = cfg.mini_batch_size // world  # rows of each minibatch on this rank
-        self.micro = train.micro_batch_size  # rows per forward/backward
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -130,10 +127,10 @@ class PPORank(TrainerCore):
         """Rank 0's address for the process group: this node's IP and a free port."""
         import ray
 
+        from dromedary_ray.runtime.cluster import free_port
+
         ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((ip, 0))
-            return f"{ip}:{s.getsockname()[1]}"
+        return f"{ip}:{free_port(ip)}"
 
     def join(self, address: str) -> None:
         """Join the process group (all ranks at once), then build the engines in it."""

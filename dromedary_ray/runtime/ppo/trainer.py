@@ -45,7 +45,6 @@ class PPOTrainer(TrainerCore):
         random.seed(cfg.seed)
         self.cfg, self.sync_dir = cfg, sync_dir
         self.rank, self.world = 0, 1
-        self.micro = cfg.micro_batch_size or cfg.mini_batch_size  # rows per forward/backward
         use_gpu = engine.gpus_per_engine > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.temperature = cfg.sampling.temperature
