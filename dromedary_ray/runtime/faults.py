@@ -2,8 +2,10 @@
 
 `DROMEDARY_FAULT="<point>:<n>:<marker>"` kills this process with SIGKILL the n-th time it
 reaches `point`, once per marker file (the file is created first, so a restarted worker or a
-resumed driver runs on). `DROMEDARY_HANG="<point>:<seconds>"` makes every call reaching
-`point` block for that long (a hung engine). Unset, each hook costs one dictionary lookup.
+resumed driver runs on). `DROMEDARY_HANG="<point>:<seconds>[:<n>]"` makes every call reaching
+`point` (from its n-th time on, the first if n is left out) block for that long: a hung engine,
+or a training run held still at a known step while a test kills its driver. Unset, each hook
+costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 ENV = "DROMEDARY_FAULT"
 HANG_ENV = "DROMEDARY_HANG"
 _hits: Counter[str] = Counter()
+_hangs: Counter[str] = Counter()
 
 
 def maybe_die(point: str) -> None:
@@ -37,8 +40,11 @@ def maybe_hang(point: str) -> None:
     spec = os.environ.get(HANG_ENV)
     if not spec:
         return
-    target, seconds = spec.rsplit(":", 1)
-    if target == point:
+    target, seconds, *n = spec.split(":")
+    if target != point:
+        return
+    _hangs[point] += 1
+    if _hangs[point] >= int(n[0] if n else 1):
         time.sleep(float(seconds))
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from dromedary_ray.algos.sft import StepPlan, plan_steps
 from dromedary_ray.config import TrainConfig
-from dromedary_ray.runtime.faults import fault_env, maybe_die
+from dromedary_ray.runtime.faults import fault_env, maybe_die, maybe_hang
 
 ENGINE_TAG = "engine"  # DeepSpeed's sub-folder inside each Ray Train checkpoint
 STATE_FILE = "train_state.json"  # step, data position and loss curve, beside the engine state
@@ -320,7 +320,8 @@ def run_steps(w: Worker, step_fn: Callable[[StepPlan], StepOutcome],
         w.state["curve"].append([step + 1, *outcome.curve])
         if log is not None:
             log.write(step + 1, {**outcome.log, "lr": lr, "tokens": outcome.tokens}, seconds)
-            maybe_die("train_step")  # fault-injection point of the reliability tests
+            maybe_die("train_step")  # fault-injection points of the reliability tests
+            maybe_hang("train_step")
         if (step + 1) % w.cfg.checkpoint_every_steps == 0 and step + 1 < len(w.plan):
             save_checkpoint(w.engine, w.state, w.rank)
     return tokens, train_seconds

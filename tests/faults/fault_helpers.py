@@ -39,7 +39,7 @@ TRAINING = [
 
 
 def env_with(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DROMEDARY_FAULT"}
+    env = {k: v for k, v in os.environ.items() if k not in ("DROMEDARY_FAULT", "DROMEDARY_HANG")}
     env["PYTHONUNBUFFERED"] = "1"
     return {**env, **extra}
 
@@ -64,15 +64,18 @@ def dromedary_run(run_dir: Path, *extra: str, env: dict[str, str] | None = None,
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def session_processes(sid: int) -> set[int]:
-    """The live processes of session `sid` (a run started with start_new_session=True), less
-    Ray's dashboard and runtime-env agents, which outlive a killed driver by a minute but write
-    nothing of ours."""
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def session_processes(sid: int, agents: bool = False) -> set[int]:
+    """The live processes of session `sid` (a run started with start_new_session=True). Ray's
+    dashboard and runtime-env agents, which outlive a killed driver by about a minute (their GCS
+    reconnect timeout) but write nothing of ours, are counted only if `agents`."""
     out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True)
     rows = (line.split(None, 3) for line in out.stdout.splitlines())
     return {int(pid) for pid, s, stat, *args in rows
             if int(s) == sid and not stat.startswith("Z")
-            and not (args and args[0].startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")))}
+            and (agents or not (args and args[0].startswith(RAY_AGENTS)))}
 
 
 def engrave_cmd(run_dir: Path, *extra: str) -> list[str]:
