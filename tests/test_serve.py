@@ -125,6 +125,30 @@ def test_32_concurrent_requests_all_answered(server):
     assert results == [(200, 8)] * 32
 
 
+def test_access_log_lines_reach_the_replica_log_file(server):
+    """Each answered request's access-log line is written to the replica's Serve log file. vLLM
+    once closed Serve's log handler when the replica imported it; the lines then piled up in the
+    replica's memory, unwritten, for as long as it served (the soak's memory growth)."""
+    import time
+    from pathlib import Path
+
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def written() -> int:
+        return sum(f.read_text().count("POST /v1/chat/completions 200")
+                   for f in logs.glob("replica_dromedary_ChatServer_*.log"))
+
+    before = written()
+    for seed in range(3):
+        assert post(server, {**GOOD, "seed": seed, "max_tokens": 2}).status_code == 200
+    deadline = time.monotonic() + 30
+    while written() < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert written() >= before + 3, sorted(p.name for p in logs.iterdir())
+
+
 def test_terminal_chat_against_the_server(server):
     import io
 
