@@ -1,9 +1,10 @@
 """A PPO run in its own driver process, for the tests that kill one and run it again
 (`test_ppo.py -k killed_run`, `faults/test_fault_ppo.py`).
 
-The driver joins the tests' local Ray cluster, runs `run_ppo` on the tiny model with a
-programmatic reward (4 prompts, 2 per step, a checkpoint every 2 steps; the one-process trainer
-or a 2-rank DeepSpeed group) and prints one
+The driver joins the tests' local Ray cluster, runs `run_ppo` on the tiny model (4 prompts, 2 per
+step, a checkpoint every 2 steps) with a programmatic reward and one rollout engine, or with a
+reward model folder (vLLM's pooling runner) and two rollout engines; with the one-process
+trainer or a 2-rank DeepSpeed group. It prints one
 `RESULT {...}` line; like `dromedary run`, it prints our own errors as one `error: ...` line and
 exits 2.
 """
@@ -29,17 +30,19 @@ RUN_SCRIPT = textwrap.dedent("""
     def low_id_share(prompts, responses, token_ids):
         return [sum(t < 6144 for t in ids) / max(len(ids), 1) for ids in token_ids]
 
-    address, run_dir, model, steps, trainer = sys.argv[1:6]
+    address, run_dir, model, steps, trainer, reward_model = sys.argv[1:7]
     connect(RayConfig(address=address))
     cfg = PPOConfig(steps=int(steps), prompts_per_step=2, mini_batch_size=2, ppo_epochs=1,
                     learning_rate=1e-3, value_init="policy", checkpoint_every_steps=2,
                     trainer=trainer, trainer_workers=2 if trainer == "deepspeed" else 1,
+                    rollout_engines=2 if reward_model else 1,
                     sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8))
     prompts = [PromptRow(f"p{i}", "seed", f"Question {i}?") for i in range(4)]
     try:
-        result = run_ppo(prompts, policy_path=model, reward=low_id_share, cfg=cfg,
-                         engine=EngineConfig(max_model_len=256, kv_cache_gib=1,
-                                             cpus_per_engine=1),
+        # The reward model reads the principles too: it needs the longer context.
+        result = run_ppo(prompts, policy_path=model, reward=reward_model or low_id_share,
+                         cfg=cfg, engine=EngineConfig(max_model_len=1024 if reward_model else 256,
+                                                      kv_cache_gib=1, cpus_per_engine=1),
                          store=StageStore(run_dir, "ppo"))
     except DromedaryError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -57,15 +60,17 @@ def write_script(folder: Path) -> Path:
 
 
 def run_ppo_script(script: Path, address: str, run_dir: Path, model: str, steps: int,
-                   fault: str | None = None, trainer: str = "torch"
-                   ) -> subprocess.CompletedProcess:
+                   fault: str | None = None, trainer: str = "torch",
+                   reward_model: str | None = None) -> subprocess.CompletedProcess:
     """The driver to its end; `fault` becomes its DROMEDARY_FAULT (none inherited); `trainer`:
-    torch (one process) or deepspeed (2 ZeRO-3 ranks)."""
+    torch (one process) or deepspeed (2 ZeRO-3 ranks); `reward_model`: a folder to score with
+    (and two rollout engines), None for the programmatic reward (and one)."""
     env = {k: v for k, v in os.environ.items() if k != "DROMEDARY_FAULT"}
     if fault:
         env["DROMEDARY_FAULT"] = fault
     return subprocess.run([sys.executable, str(script), address, str(run_dir), model, str(steps),
-                           trainer], env=env, capture_output=True, text=True, timeout=400)
+                           trainer, reward_model or ""],
+                          env=env, capture_output=True, text=True, timeout=400)
 
 
 def script_result(proc: subprocess.CompletedProcess) -> dict:

@@ -1,12 +1,13 @@
-"""The PPO stage under faults: its rollout actor, its reward actor, or its trainer (the
+"""The PPO stage under faults: its rollout actor, its reward actor (a programmatic reward, or
+a reward model on vLLM's pooling runner beside two rollout engines), or its trainer (the
 one-process trainer, or one rank of a 2-rank DeepSpeed ZeRO-3 group) SIGKILLed mid-step.
 
 Each case kills the actor in step 3 of 4 (checkpoint at step 2), expects the run to stop with
 our error naming the actor and the checkpoint, runs it again, and compares it with one
-uninterrupted run with the same trainer: the rerun resumed from step 2 (not 0), every step is
-logged once, the per-step rollout shards hold the reference's row ids (none twice, none lost)
-and rows, and the final policy is the reference's. Two fast cases check the error's wording and
-which actor it names.
+uninterrupted run with the same trainer and reward: the rerun resumed from step 2 (not 0),
+every step is logged once, the per-step rollout shards hold the reference's row ids (none
+twice, none lost) and rows, and the final policy is the reference's. Two fast cases check the
+error's wording and which actor it names.
 """
 
 from __future__ import annotations
@@ -36,46 +37,54 @@ def ppo_driver(ray_local, tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def ppo_reference(ppo_driver, tiny_model, tmp_path_factory):
-    """`reference(trainer)`: one uninterrupted run of the driver per trainer, made on first use
-    and shared by that trainer's cases."""
+    """`reference(trainer, reward_model)`: one uninterrupted run of the driver per trainer and
+    reward, made on first use and shared by the cases that use them."""
     from safetensors.torch import load_file
 
     script, address = ppo_driver
-    made: dict[str, Path] = {}
+    made: dict[tuple[str, str | None], Path] = {}
 
-    def reference(trainer: str) -> Path:
-        if trainer not in made:
-            run_dir = tmp_path_factory.mktemp(f"ppo_reference_{trainer}") / "run"
+    def reference(trainer: str, reward_model: str | None) -> Path:
+        key = (trainer, reward_model)
+        if key not in made:
+            name = f"ppo_reference_{trainer}{'_rm' if reward_model else ''}"
+            run_dir = tmp_path_factory.mktemp(name) / "run"
             result = script_result(run_ppo_script(script, address, run_dir, tiny_model, STEPS,
-                                                  trainer=trainer))
+                                                  trainer=trainer, reward_model=reward_model))
             assert result["resumed_from_step"] == 0 and result["steps_run"] == STEPS
             # Every tensor moved from the tiny model's: equal weights are not "untrained".
             start, end = load_file(Path(tiny_model) / "model.safetensors"), final_weights(run_dir)
             assert start.keys() == end.keys() and not any(start[k].equal(end[k]) for k in end)
-            made[trainer] = run_dir
-        return made[trainer]
+            made[key] = run_dir
+        return made[key]
 
     return reference
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("actor, point, trainer, again_on_resume", [
-    ("rollout", "rollout_generate", "torch", False),
-    ("reward", "reward_score", "torch", False),
+@pytest.mark.parametrize("actor, point, trainer, again_on_resume, with_rm", [
+    ("rollout", "rollout_generate", "torch", False, False),
+    ("reward", "reward_score", "torch", False, False),
+    # the reward model's vLLM pooling engine dies with its actor; two rollout engines run on
+    ("reward", "reward_score", "torch", False, True),
     # and once more while the rerun loads the checkpoint, before its first step
-    ("trainer", "trainer_update", "torch", True),
-    ("trainer", "trainer_update", "deepspeed", False),  # one rank dies; the other must not hang
-], ids=["rollout", "reward", "trainer", "deepspeed-rank"])
+    ("trainer", "trainer_update", "torch", True, False),
+    # one rank dies; the other must not hang
+    ("trainer", "trainer_update", "deepspeed", False, False),
+], ids=["rollout", "reward", "reward-model", "trainer", "deepspeed-rank"])
 def test_ppo_actor_killed_mid_step_resumes_from_checkpoint(actor, point, trainer,
-                                                           again_on_resume, ppo_driver,
-                                                           ppo_reference, tiny_model, tmp_path):
-    reference = ppo_reference(trainer)
+                                                           again_on_resume, with_rm, request,
+                                                           ppo_driver, ppo_reference, tiny_model,
+                                                           tmp_path):
+    rm = request.getfixturevalue("tiny_reward_model") if with_rm else None
+    reference = ppo_reference(trainer, rm)
     script, address = ppo_driver
     run_dir, marker = tmp_path / "run", tmp_path / "fired"
     stage = run_dir / "ppo"
     # Each actor's generate / score / update runs once per step: its 3rd call is step 3's.
     killed = run_ppo_script(script, address, run_dir, tiny_model, STEPS,
-                            fault=f"{point}:{KILLED_STEP}:{marker}", trainer=trainer)
+                            fault=f"{point}:{KILLED_STEP}:{marker}", trainer=trainer,
+                            reward_model=rm)
     assert marker.exists(), "the fault hook never fired: the case proved nothing"
     assert killed.returncode == 2, killed.stderr[-3000:]
     (error,) = [x for x in killed.stderr.splitlines() if x.startswith("error: ")]
@@ -92,7 +101,7 @@ def test_ppo_actor_killed_mid_step_resumes_from_checkpoint(actor, point, trainer
     if again_on_resume:
         second = tmp_path / "fired-on-load"
         lost = run_ppo_script(script, address, run_dir, tiny_model, STEPS,
-                              fault=f"trainer_load:1:{second}", trainer=trainer)
+                              fault=f"trainer_load:1:{second}", trainer=trainer, reward_model=rm)
         assert second.exists() and lost.returncode == 2, lost.stderr[-3000:]
         (error,) = [x for x in lost.stderr.splitlines() if x.startswith("error: ")]
         assert error == (f"error: stage ppo: the trainer actor died while resuming from the "
@@ -101,7 +110,7 @@ def test_ppo_actor_killed_mid_step_resumes_from_checkpoint(actor, point, trainer
         assert logged_steps(stage / "ppo_steps.jsonl") == [1, 2]
 
     resumed = script_result(run_ppo_script(script, address, run_dir, tiny_model, STEPS,
-                                           trainer=trainer))
+                                           trainer=trainer, reward_model=rm))
     assert resumed["resumed_from_step"] == CHECKPOINT and resumed["steps_run"] == 2
     assert logged_steps(stage / "ppo_steps.jsonl") == [1, 2, 3, 4]
 
