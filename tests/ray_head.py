@@ -63,9 +63,9 @@ def ray_head(*args: str, gcs_port: int | None = None, env: dict[str, str] | None
 
 
 def stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the head's process group, then SIGKILL any descendant still running. Ray's own
-    processes share the group, but a process that made a group of its own would escape
-    `killpg`; the descendants are collected first, while the tree is still connected."""
+    """SIGTERM the head's process group, SIGKILL it 5 s later, then any descendant still
+    running. Ray's own processes share the group, but a process that made a group of its own
+    would escape `killpg`; the descendants are collected first, while the tree is connected."""
     import psutil
 
     try:
@@ -77,7 +77,9 @@ def stop_tree(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     try:
-        proc.wait(timeout=60)
+        # A graceful `ray start --block` shutdown took ~33 s in CI (twice per run, the autoscaling
+        # and job tests); a test cluster has nothing to save, so it gets 5 s before SIGKILL.
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
