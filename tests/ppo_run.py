@@ -18,6 +18,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from dromedary_ray.runtime.faults import without_faults
+
 RUN_SCRIPT = textwrap.dedent("""
     import json, sys
     from dromedary_ray.config import EngineConfig, PPOConfig, RayConfig, SamplingConfig
@@ -62,10 +64,10 @@ def write_script(folder: Path) -> Path:
 def run_ppo_script(script: Path, address: str, run_dir: Path, model: str, steps: int,
                    fault: str | None = None, trainer: str = "torch",
                    reward_model: str | None = None) -> subprocess.CompletedProcess:
-    """The driver to its end; `fault` becomes its DROMEDARY_FAULT (none inherited); `trainer`:
-    torch (one process) or deepspeed (2 ZeRO-3 ranks); `reward_model`: a folder to score with
-    (and two rollout engines), None for the programmatic reward (and one)."""
-    env = {k: v for k, v in os.environ.items() if k != "DROMEDARY_FAULT"}
+    """The driver to its end; `fault` becomes its DROMEDARY_FAULT (no fault or hang spec is
+    inherited); `trainer`: torch (one process) or deepspeed (2 ZeRO-3 ranks); `reward_model`: a
+    folder to score with (and two rollout engines), None for the programmatic reward (and one)."""
+    env = without_faults(dict(os.environ))
     if fault:
         env["DROMEDARY_FAULT"] = fault
     return subprocess.run([sys.executable, str(script), address, str(run_dir), model, str(steps),

@@ -35,3 +35,8 @@ def test_die_spares_the_calls_before_the_nth_and_a_run_whose_marker_exists(monke
     marker.write_text("an earlier run fired it\n")
     faults.maybe_die("train_step")  # the 5th call, but the marker says it already fired once
     assert marker.read_text() == "an earlier run fired it\n"
+
+
+def test_children_inherit_no_fault_spec():
+    env = {"PATH": "/bin", faults.ENV: "train_step:1:/tmp/m", faults.HANG_ENV: "engine_call:9"}
+    assert faults.without_faults(env) == {"PATH": "/bin"}

@@ -51,3 +51,8 @@ def maybe_hang(point: str) -> None:
 def fault_env() -> dict[str, str]:
     """The fault specs to pass on to Ray workers (empty when none is set)."""
     return {k: os.environ[k] for k in (ENV, HANG_ENV) if os.environ.get(k)}
+
+
+def without_faults(env: dict[str, str]) -> dict[str, str]:
+    """`env` less the fault specs: for a child process that must run unfaulted unless told."""
+    return {k: v for k, v in env.items() if k not in (ENV, HANG_ENV)}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from dromedary_ray.config import PROJECT_ROOT
+from dromedary_ray.runtime.faults import without_faults
 
 HERE = Path(__file__).parent
 CONFIG = str(PROJECT_ROOT / "configs/local.yaml")
@@ -39,7 +40,7 @@ TRAINING = [
 
 
 def env_with(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DROMEDARY_FAULT", "DROMEDARY_HANG")}
+    env = without_faults(dict(os.environ))
     env["PYTHONUNBUFFERED"] = "1"
     return {**env, **extra}
 
