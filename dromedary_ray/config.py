@@ -70,7 +70,10 @@ class EngineConfig:
     num_engines: int = 1
     cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0
-    batch_size: int = 16  # rows per Ray Data batch = one output shard
+    batch_size: int = 16  # rows per batch = one committed output shard
+    # Batches each engine works on at once; their requests share the engine (engines/loop.py),
+    # so one batch's tail overlaps the next one's prefill. Placement only: outputs are the same.
+    batches_in_flight: int = 4
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.9
     # Compiling the model costs ~60 s per engine start on CPU and gains ~25% decode speed;
@@ -94,6 +97,7 @@ class EngineConfig:
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         _check(self.num_engines >= 1, "num_engines", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.batches_in_flight >= 1, "batches_in_flight", "must be >= 1")
         _check(self.cpus_per_engine > 0, "cpus_per_engine", "must be > 0")
         _check(self.gpus_per_engine >= 0, "gpus_per_engine", "must be >= 0")
         _check(not (self.in_process and self.tensor_parallel_size > 1), "in_process",

@@ -7,7 +7,7 @@ import pytest
 
 from dromedary_ray.algos.parsing import SELF_ALIGN_REASONS
 from dromedary_ray.config import PROJECT_ROOT, load_config
-from dromedary_ray.data.schemas import PromptRow, RejectRow, SelfAlignRow
+from dromedary_ray.data.schemas import AnswerRow, PromptRow, RejectRow, SelfAlignRow
 from dromedary_ray.data.store import StageStore
 from dromedary_ray.pipeline.driver import run_pipeline
 
@@ -96,3 +96,45 @@ def test_output_tables_open_as_plain_parquet(baseline):
     assert table.schema.equals(RejectRow.SCHEMA) or set(RejectRow.SCHEMA.names) <= set(
         table.schema.names)
     assert isinstance(table, pa.Table) and table.num_rows > 0
+
+
+def answer_task(max_new_tokens: int = 48):
+    from dromedary_ray.config import SamplingConfig
+    from dromedary_ray.runtime.generate import TaskSpec
+    from dromedary_ray.stages.answer import AnswerTask
+
+    return TaskSpec(AnswerTask, {"sampling": SamplingConfig(max_new_tokens=max_new_tokens),
+                                 "system_prompt": None, "min_answer_words": 1,
+                                 "max_repeated_ngram_fraction": 1.0, "stage": "answer"})
+
+
+def prompt_rows(n: int) -> pa.Table:
+    return PromptRow.to_table([PromptRow(f"p{i:03d}", "seed", f"Say something about {i}.")
+                               for i in range(n)])
+
+
+def test_batches_in_flight_overlap_on_one_engine_and_pools_are_reused(ray_local, tiny_model,
+                                                                      tmp_path):
+    """Two batches at a time on one engine actor: their spans overlap. A second pass with the
+    same `Engines` runs on the same actor process (no second engine start)."""
+    from dromedary_ray.config import EngineConfig
+    from dromedary_ray.runtime.generate import Engines, run_generation
+    from dromedary_ray.stages.self_align import busy_seconds
+
+    cfg = EngineConfig(max_model_len=1024, kv_cache_gib=1, cpus_per_engine=1, batch_size=4,
+                       batches_in_flight=2)
+    with Engines() as engines:
+        first = run_generation(prompt_rows(16), store=StageStore(str(tmp_path), "a"),
+                               model_path=tiny_model, engine_cfg=cfg, task=answer_task(),
+                               engines=engines)
+        second = run_generation(prompt_rows(4), store=StageStore(str(tmp_path), "b"),
+                                model_path=tiny_model, engine_cfg=cfg, task=answer_task(),
+                                engines=engines)
+    assert len(first) == 4 and sum(s.rows for s in first) == 16
+    assert {s.worker for s in first} == {s.worker for s in second}  # one actor, both passes
+    spans = [(s.started, s.seconds) for s in first]
+    assert busy_seconds(spans) < 0.9 * sum(s.seconds for s in first)  # batches overlapped
+    for stage in ("a", "b"):  # each batch committed as one shard, every row once
+        store = StageStore(str(tmp_path), stage)
+        ids = store.done_ids({"data": AnswerRow.SCHEMA, "rejects": RejectRow.SCHEMA})
+        assert len(ids) == (16 if stage == "a" else 4)

@@ -12,7 +12,7 @@ ROWS = {
     SelfAlignRow: SelfAlignRow("a", "q", "thinking", "answer", 10, 5, -1.5, "stop"),
     RejectRow: RejectRow("a", "self_align", "truncated", "text"),
     AnswerRow: AnswerRow("a", "q", "long answer", 12, 40, -0.5, "stop"),
-    BatchSummary: BatchSummary("part-x", 4, 3, 1, 100, 50, 1700000000.5, 1.25),
+    BatchSummary: BatchSummary("part-x", 4, 3, 1, 100, 50, 1700000000.5, 1.25, "node-1:4242"),
 }
 
 

@@ -39,7 +39,7 @@ from dromedary_ray.algos.synthesis import (
 from dromedary_ray.config import SynthesizeConfig, build
 from dromedary_ray.data.schemas import PromptRow, RejectRow
 from dromedary_ray.data.synth_schemas import CandidateRow, RequestRow
-from dromedary_ray.engines.base import Completion, Generation
+from dromedary_ray.engines.base import Completion, Generation, done_future
 from dromedary_ray.errors import InputFileError
 from dromedary_ray.prompts import render_chat
 from dromedary_ray.red_team import QuestionType, load_red_team_types
@@ -276,7 +276,14 @@ WORDS = [f"{a}{b}" for a in ("bla", "cro", "dwi", "fen", "gul", "hov", "jix", "k
          for b in ("ar", "ek", "ol", "um", "yt", "ap")]
 
 
-class ScriptedEngine:
+class ImmediateEngine:
+    """A scripted engine's `submit`: its `generate`, already finished."""
+
+    def submit(self, prompts, sampling, seeds):
+        return [done_future(g) for g in self.generate(prompts, sampling, seeds)]
+
+
+class ScriptedEngine(ImmediateEngine):
     """Writes lists a real model might: fresh random tasks, plus duplicates and junk."""
 
     def __init__(self):
@@ -401,7 +408,7 @@ def test_plan_is_deterministic_given_the_same_candidates():
 
 
 def test_task_turns_each_request_into_candidates_or_a_reject():
-    class Engine:
+    class Engine(ImmediateEngine):
         def generate(self, prompts, sampling, seeds):
             return [Generation(5, [Completion("I cannot help with lists.", [1], [], "stop")]),
                     Generation(9000, [], "prompt_too_long: 9000 prompt tokens ...")]
@@ -422,7 +429,7 @@ def test_task_turns_each_request_into_candidates_or_a_reject():
 def test_task_groups_requests_by_sampling_and_stops_after_the_wanted_items():
     seen = []
 
-    class Engine:
+    class Engine(ImmediateEngine):
         def generate(self, prompts, sampling, seeds):
             seen.append((len(prompts), sampling.stop, sampling.max_new_tokens))
             return [Generation(1, [Completion("a b c\n2. d e f", [1], [], "stop")])] * len(prompts)

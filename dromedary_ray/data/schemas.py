@@ -152,10 +152,11 @@ class BatchSummary(Row):
     completion_tokens: int
     started: float  # wall-clock time.time() when the worker began the batch
     seconds: float
+    worker: str  # which engine actor made it (host:pid); batches in flight on one overlap
 
     SCHEMA: ClassVar[pa.Schema] = pa.schema(
         [("shard", pa.string()), ("rows", pa.int64()), ("kept", pa.int64()),
          ("rejected", pa.int64()), ("prompt_tokens", pa.int64()),
          ("completion_tokens", pa.int64()), ("started", pa.float64()),
-         ("seconds", pa.float64())]
+         ("seconds", pa.float64()), ("worker", pa.string())]
     )

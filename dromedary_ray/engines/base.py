@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dromedary_ray.config import SamplingConfig
 
@@ -33,10 +35,18 @@ class Engine(Protocol):
     tokenizer: Any
     max_model_len: int
 
+    def submit(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
+    ) -> list[Future[Generation]]:
+        """Start sampling and return at once, one future per prompt. Requests from several
+        callers (batches in flight, phases of one row) share the engine as they arrive."""
+        ...
+
     def generate(
         self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
     ) -> list[Generation]:
-        """Sample completions; `seeds[i]` makes prompt i reproducible whatever its batch."""
+        """Sample completions and wait for them; `seeds[i]` makes prompt i reproducible
+        whatever its batch."""
         ...
 
     def close(self) -> None:
@@ -81,3 +91,27 @@ def fitting_prompts(tokenizer: Any, prompts: list[str], max_model_len: int,
     """
     lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
     return [i for i, n in enumerate(lengths) if n + reserve <= max_model_len], lengths
+
+
+T = TypeVar("T")
+
+
+def done_future(value: T) -> Future[T]:
+    future: Future[T] = Future()
+    future.set_result(value)
+    return future
+
+
+def results(futures: Sequence[Future[T]]) -> list[T]:
+    return [f.result() for f in futures]
+
+
+def finished_groups(futures: Sequence[Future[T]]) -> Iterator[list[tuple[int, T]]]:
+    """(index, result) of `futures`, a group at a time, as they finish: each group holds every
+    future that finished since the last one. A multi-phase task starts a row's next phase from
+    here, so it never waits for the slowest row of its batch; where everything finishes at once
+    (the transformers engine) the next phase still goes to the engine as one batch."""
+    pending = {f: i for i, f in enumerate(futures)}
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        yield sorted(((pending.pop(f), f.result()) for f in done), key=lambda x: x[0])

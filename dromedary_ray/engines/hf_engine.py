@@ -2,17 +2,21 @@
 
 Sampling is batched (left padding). Unlike vLLM, per-request seeds are not honoured one by one:
 the batch is seeded with its first request's seed, so results are reproducible for the same
-batch, not across different batchings.
+batch, not across different batchings. `submit` samples its whole list at once (one batch, under
+a lock when several batches are in flight) and returns finished futures.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 from dromedary_ray.config import EngineConfig, SamplingConfig
 from dromedary_ray.engines.base import (
     Completion,
     Generation,
+    done_future,
     encode_prompts,
     request_seeds,
     too_long,
@@ -50,9 +54,15 @@ class HFEngine:
         self.model.eval()
         self.max_model_len = cfg.max_model_len
         self.seed = seed
+        self._lock = threading.Lock()  # one generate at a time on the one model
 
     def close(self) -> None:
         self.model = None
+
+    def submit(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
+    ) -> list[Future[Generation]]:
+        return [done_future(g) for g in self.generate(prompts, sampling, seeds)]
 
     def generate(
         self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
@@ -68,7 +78,9 @@ class HFEngine:
             else:
                 todo.append(i)
         if todo:
-            outs = self._generate_batch([token_ids[i] for i in todo], sampling, seeds[todo[0]])
+            with self._lock:
+                outs = self._generate_batch([token_ids[i] for i in todo], sampling,
+                                            seeds[todo[0]])
             for i, comps in zip(todo, outs, strict=True):
                 results[i] = Generation(len(token_ids[i]), comps)
         return results  # type: ignore[return-value]

@@ -2,11 +2,12 @@
 stalling the run forever.
 
 A stuck vLLM step (a wedged engine-core process, a deadlocked collective) blocks its caller with
-no error at all, and Ray Data would wait on that batch for ever. `BatchDeadline` runs each
-batch's engine work on one helper thread and waits at most `seconds` for it. Past that it raises
-`EngineTimeoutError`, which names the stage and the limit; Ray Data does not retry application
-errors, so the stage (and the run) fails at once with that message. The helper thread cannot be
-interrupted, so the engine is marked broken and every later call fails fast.
+no error at all, and the runner would wait on that batch for ever. `BatchDeadline` runs each
+batch's engine work on a helper thread (one per batch in flight) and waits at most `seconds`
+for it. Past that it raises `EngineTimeoutError`, which names the stage and the limit; Ray does
+not retry application errors, so the stage (and the run) fails at once with that message. The
+helper thread cannot be interrupted, so the engine is marked broken and every later call fails
+fast.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ class BatchDeadline:
     own `llm`) without a wrapper that would have to imitate each of them.
     """
 
-    def __init__(self, seconds: float, stage: str):
-        self.seconds, self.stage = seconds, stage
+    def __init__(self, seconds: float, workers: int = 1):
+        self.seconds = seconds
         self._broken: str | None = None
-        self._pool = ThreadPoolExecutor(1, "engine-call", initializer=_same_torch_threads,
+        self._pool = ThreadPoolExecutor(workers, "engine-call", initializer=_same_torch_threads,
                                         initargs=(_torch_threads(),))
 
-    def run(self, work: Callable[[], T], rows: int) -> T:
+    def run(self, work: Callable[[], T], rows: int, stage: str) -> T:
         """`work()`, or EngineTimeoutError once it has run `seconds` on a batch of `rows`."""
         if self._broken:
             raise EngineTimeoutError(self._broken)
@@ -50,7 +51,7 @@ class BatchDeadline:
             return future.result(timeout=self.seconds)
         except FutureTimeout:
             self._broken = (
-                f"stage {self.stage}: an engine call on {rows} prompts did not return "
+                f"stage {stage}: an engine call on {rows} prompts did not return "
                 f"within engine.call_timeout_s = {self.seconds:g} s; the engine looks hung "
                 f"(raise engine.call_timeout_s if calls this large are legitimately slower)")
             raise EngineTimeoutError(self._broken) from None

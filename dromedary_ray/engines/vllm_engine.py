@@ -5,17 +5,24 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+import threading
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dromedary_ray.config import EngineConfig, SamplingConfig
 from dromedary_ray.engines.base import (
     Completion,
     Generation,
+    done_future,
     encode_prompts,
     request_seeds,
+    results,
     too_long,
 )
+
+if TYPE_CHECKING:
+    from dromedary_ray.engines.loop import StepLoop
 
 _held_slot_files: list[Any] = []  # kept open for the process lifetime: the lock is the claim
 
@@ -89,15 +96,32 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
+        # Started on the first submit. Callers that drive `self.llm` themselves (the PPO rollout
+        # actor, between its weight updates) never start it, so nothing steps the engine twice.
+        self._loop: StepLoop | None = None
+        self._loop_lock = threading.Lock()  # batches in flight submit from several threads
+
+    @property
+    def loop(self) -> StepLoop:
+        with self._loop_lock:  # exactly one loop: two would step the engine at once
+            if self._loop is None:
+                from dromedary_ray.engines.loop import StepLoop
+
+                self._loop = StepLoop(self.llm.llm_engine)
+            return self._loop
 
     def close(self) -> None:
-        """Stop the engine-core process now rather than at interpreter exit."""
+        """Stop the step loop and the engine core now rather than at interpreter exit."""
+        if self._loop is not None:
+            self._loop.close()
         self.llm.llm_engine.engine_core.shutdown()
 
     def _params(self, sampling: SamplingConfig, seed: int) -> Any:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
+            output_kind=RequestOutputKind.FINAL_ONLY,  # what the step loop reads
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
@@ -110,30 +134,41 @@ class VLLMEngine:
             logprobs=0,  # the sampled token's own log-prob only
         )
 
-    def generate(
+    def submit(
         self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
-    ) -> list[Generation]:
+    ) -> list[Future[Generation]]:
         from vllm.inputs import TokensPrompt
 
         seeds = request_seeds(sampling, len(prompts), seeds)
-        token_ids = encode_prompts(self.tokenizer, prompts)
-        results: list[Generation | None] = [None] * len(prompts)
-        todo = []
-        for i, ids in enumerate(token_ids):
+        futures = []
+        for ids, seed in zip(encode_prompts(self.tokenizer, prompts), seeds, strict=True):
             reason = too_long(len(ids), sampling, self.max_model_len)
             if reason:
-                results[i] = Generation(len(ids), [], reason)
-            else:
-                todo.append(i)
-        if todo:
-            outs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=token_ids[i]) for i in todo],
-                [self._params(sampling, seeds[i]) for i in todo],
-                use_tqdm=False,
-            )
-            for i, out in zip(todo, outs, strict=True):
-                results[i] = Generation(len(token_ids[i]), [_completion(c) for c in out.outputs])
-        return results  # type: ignore[return-value]
+                futures.append(done_future(Generation(len(ids), [], reason)))
+                continue
+            futures.append(self.loop.submit(TokensPrompt(prompt_token_ids=ids),
+                                            self._params(sampling, seed), _generation))
+        return futures
+
+    def generate(
+        self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
+    ) -> list[Generation]:
+        return results(self.submit(prompts, sampling, seeds))
+
+    def run_requests(self, prompts: list[Any], params: Any) -> list[Any]:
+        """vLLM `RequestOutput`s for prompts built by the caller (log-prob scoring), in order,
+        through the same loop as every other request. `params`: one SamplingParams, or one per
+        prompt (each is changed in place, as `LLM.generate` does)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        each = params if isinstance(params, list) else [params.clone() for _ in prompts]
+        for p in each:
+            p.output_kind = RequestOutputKind.FINAL_ONLY
+        return results([self.loop.submit(p, q) for p, q in zip(prompts, each, strict=True)])
+
+
+def _generation(out: Any) -> Generation:
+    return Generation(len(out.prompt_token_ids), [_completion(c) for c in out.outputs])
 
 
 def _completion(c: Any) -> Completion:

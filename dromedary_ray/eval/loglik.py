@@ -73,8 +73,11 @@ def check_length(pairs: Sequence[IdPair], max_model_len: int) -> None:
 
 
 class VLLMScorer:
-    def __init__(self, llm: Any, tokenizer: Any, max_model_len: int):
-        self.llm, self.tokenizer, self.max_model_len = llm, tokenizer, max_model_len
+    """`run(prompts, params)` returns vLLM `RequestOutput`s in order: the engine's
+    `run_requests`, so scoring shares the engine with everything else in flight."""
+
+    def __init__(self, run: Any, tokenizer: Any, max_model_len: int):
+        self.run, self.tokenizer, self.max_model_len = run, tokenizer, max_model_len
 
     def loglik(self, pairs: Sequence[Pair]) -> list[float]:
         return self.loglik_ids([encode_pair(self.tokenizer, c, x) for c, x in pairs])
@@ -89,7 +92,7 @@ class VLLMScorer:
         for start in range(0, len(pairs), VLLM_REQUESTS_PER_CALL):
             chunk = pairs[start:start + VLLM_REQUESTS_PER_CALL]
             prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in chunk]
-            outs = self.llm.generate(prompts, params, use_tqdm=False)
+            outs = self.run(prompts, params)
             for (ctx, cont), out in zip(chunk, outs, strict=True):
                 steps = out.prompt_logprobs  # steps[i]: {token id: Logprob} for prompt token i
                 totals.append(sum(float(steps[len(ctx) + j][tok].logprob)
@@ -161,7 +164,7 @@ def make_scorer(engine: Any) -> VLLMScorer | HFScorer:
     from dromedary_ray.engines.vllm_engine import VLLMEngine
 
     if isinstance(engine, VLLMEngine):
-        return VLLMScorer(engine.llm, engine.tokenizer, engine.max_model_len)
+        return VLLMScorer(engine.run_requests, engine.tokenizer, engine.max_model_len)
     if isinstance(engine, HFEngine):
         return HFScorer(engine.model, engine.tokenizer, engine.max_model_len)
     raise TypeError(f"no log-likelihood scorer for {type(engine).__name__}")
@@ -203,8 +206,7 @@ def _vllm_next_token(scorer: VLLMScorer, ids: list[list[int]],
 
     check_length([(p, [0]) for p in ids], scorer.max_model_len)
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20, detokenize=False)
-    outs = scorer.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params,
-                               use_tqdm=False)
+    outs = scorer.run([TokensPrompt(prompt_token_ids=p) for p in ids], params)
     result: list[dict[str, float]] = []
     missing: list[tuple[int, str]] = []
     for i, out in enumerate(outs):
@@ -259,8 +261,7 @@ def _vllm_two_steps(scorer: VLLMScorer, ids: list[list[int]], first_ids: dict[st
 
     params = SamplingParams(max_tokens=2, temperature=0.0, logprobs=20, detokenize=False,
                             allowed_token_ids=[forced_id], ignore_eos=True)
-    outs = scorer.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params,
-                               use_tqdm=False)
+    outs = scorer.run([TokensPrompt(prompt_token_ids=p) for p in ids], params)
     result, missing = [], []
     for i, out in enumerate(outs):
         steps = out.outputs[0].logprobs

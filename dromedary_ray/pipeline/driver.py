@@ -22,6 +22,7 @@ from dromedary_ray.data.schemas import RejectRow
 from dromedary_ray.data.store import StageStore, fingerprint, write_run_file
 from dromedary_ray.pipeline.evaluate import evaluate_model, stage_model
 from dromedary_ray.runtime.faults import maybe_die
+from dromedary_ray.runtime.generate import Engines
 from dromedary_ray.stages import STAGES
 from dromedary_ray.stages.base import StageContext
 
@@ -60,14 +61,18 @@ def run_pipeline(config: RunConfig, upstream: str | None = None) -> list[StageRe
         connect(config.ray)
     if config.evaluate.suites and config.evaluate.include_base:
         evaluate_model(config, config.model, "base", made_by=f"base:{config.model}")
-    for name in config.stages:
-        report = run_stage(config, name, fingerprints)
-        _log_metrics(config, report)
-        reports.append(report)
-        maybe_die("driver_stage")  # fault tests: the driver dies between two stages
-        spec = stage_model(config, name) if config.evaluate.suites else None
-        if spec:
-            evaluate_model(config, spec, name, made_by=fingerprints[name])
+    with Engines() as engines:  # one model's engines, up across the stages that sample from it
+        for name in config.stages:
+            if STAGES[name].trains:
+                engines.close()
+            report = run_stage(config, name, fingerprints, engines)
+            _log_metrics(config, report)
+            reports.append(report)
+            maybe_die("driver_stage")  # fault tests: the driver dies between two stages
+            spec = stage_model(config, name) if config.evaluate.suites else None
+            if spec:
+                engines.close()  # the evaluation task starts an engine of its own
+                evaluate_model(config, spec, name, made_by=fingerprints[name])
     return reports
 
 
@@ -128,7 +133,8 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str]) -> StageReport:
+def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str],
+              engines: Engines | None = None) -> StageReport:
     stage = STAGES[name]
     store = StageStore(config.run_dir, name)
     inputs = stage.input_stages(config)
@@ -150,7 +156,8 @@ def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str]) -> Sta
     base = {"stage": name, "fingerprint": fp, "input_fingerprints": input_fps,
             "config": stage.fingerprint_payload(config), "started": started}
     store.write_manifest({**base, "status": "running"})
-    ctx = StageContext(config, store, {i: StageStore(config.run_dir, i) for i in inputs})
+    ctx = StageContext(config, store, {i: StageStore(config.run_dir, i) for i in inputs},
+                       engines=engines)
     stage.run(ctx)
     seconds = round(time.time() - started, 2)
     report = _report(stage, store, "ran", seconds, ctx.metrics)

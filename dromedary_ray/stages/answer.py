@@ -8,6 +8,7 @@ dropped answer in the rejects table with its reason.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ from dromedary_ray.algos.parsing import LeakDetector, judge_answer
 from dromedary_ray.config import AnswerConfig, RunConfig, SamplingConfig, resolve_path
 from dromedary_ray.data.schemas import AnswerRow, PromptRow, RejectRow
 from dromedary_ray.data.store import file_digest
-from dromedary_ray.engines.base import Engine
+from dromedary_ray.engines.base import Engine, Generation, results
 from dromedary_ray.principles import load_system_prompt
 from dromedary_ray.prompts import chat_stop_strings, render_chat
 from dromedary_ray.runtime.generate import BatchResult
@@ -43,8 +44,14 @@ class AnswerTask:
 
     def process(self, engine: Engine, batch: pa.Table) -> BatchResult:
         prompts = PromptRow.from_table(batch)
+        return self.judge(prompts, results(self.submit(engine, prompts)))
+
+    def submit(self, engine: Engine, prompts: list[PromptRow]) -> list[Future[Generation]]:
         seeds = [row_seed(self.sampling.seed, p.id) for p in prompts]
-        gens = engine.generate([self.render(p.query) for p in prompts], self.sampling, seeds)
+        return engine.submit([self.render(p.query) for p in prompts], self.sampling, seeds)
+
+    def judge(self, prompts: list[PromptRow], gens: list[Generation]) -> BatchResult:
+        """The batch's tables: each answer through the quality filters."""
         kept, rejects = [], []
         for prompt, gen in zip(prompts, gens, strict=True):
             if gen.error:
@@ -74,6 +81,7 @@ class AnswerStage:
     name = "answer"
     data_schema = AnswerRow.SCHEMA
     uses_ray = True
+    trains = False
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return (prompt_source(config),)
@@ -101,6 +109,6 @@ class AnswerStage:
             todo, store=ctx.store, model_path=resolve_model(cfg.model, cfg.run_dir),
             engine_cfg=cfg.engine,
             task=TaskSpec(AnswerTask, answer_task_kwargs(cfg.isheep.answer, self.name)),
-            seed=cfg.isheep.answer.sampling.seed, desc="answer",
+            engines=ctx.engines, desc="answer",
         )
         ctx.metrics.update(generation_metrics(summaries), resumed_rows=resumed)

@@ -130,6 +130,7 @@ class AssessStage:
     name = "assess"
     data_schema = AssessRow.SCHEMA
     uses_ray = True
+    trains = False
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return ("answer",)
@@ -158,7 +159,7 @@ class AssessStage:
             todo, store=ctx.store, model_path=resolve_model(cfg.model, cfg.run_dir),
             engine_cfg=cfg.engine,
             task=TaskSpec(AssessTask, {"cfg": acfg, "rubric_set": rubric_set}),
-            seed=acfg.sampling.seed, desc="assess",
+            engines=ctx.engines, desc="assess",
         )
         ctx.metrics.update(generation_metrics(summaries), resumed_rows=resumed)
         ctx.metrics.update(assess_metrics(ctx.store.read("data", AssessRow.SCHEMA), rubric_set))

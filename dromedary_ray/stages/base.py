@@ -47,17 +47,21 @@ class StageContext:
     config: RunConfig
     store: StageStore  # this stage's folder
     inputs: dict[str, StageStore]  # upstream stages' folders, by name
+    metrics: dict[str, Any] = field(default_factory=dict)  # the stage fills these in
+    # The driver's engine pools (runtime.generate.Engines), kept up across generation passes
+    # on one model; None: each pass starts and stops its own.
+    engines: Any = None
 
     def only_input(self) -> StageStore:
         (store,) = self.inputs.values()
         return store
-    metrics: dict[str, Any] = field(default_factory=dict)  # the stage fills these in
 
 
 class Stage(Protocol):
     name: str
     data_schema: pa.Schema
     uses_ray: bool  # the driver connects to Ray before the first stage that does
+    trains: bool  # the driver stops the engines before it: training needs their GPUs and memory
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         """The stages whose outputs this one reads, in this recipe."""

@@ -24,6 +24,7 @@ class EngraveStage:
     name = "engrave"
     data_schema = TrainSummaryRow.SCHEMA
     uses_ray = True
+    trains = True
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return ("self_align",)

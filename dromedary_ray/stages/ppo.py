@@ -28,6 +28,7 @@ class PPOStage:
     name = "ppo"
     data_schema = RolloutRow.SCHEMA
     uses_ray = True
+    trains = True
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return (prompt_source(config), sft_stage(config), REWARD_STAGE)

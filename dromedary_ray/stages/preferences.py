@@ -56,7 +56,10 @@ class PairTask:
                       AnswerTask(sampling=second, **common))
 
     def process(self, engine: Engine, batch: pa.Table) -> BatchResult:
-        results = [t.process(engine, batch) for t in self.tasks]
+        prompts = PromptRow.from_table(batch)
+        sides = [t.submit(engine, prompts) for t in self.tasks]  # both answers at once
+        results = [t.judge(prompts, [f.result() for f in futures])
+                   for t, futures in zip(self.tasks, sides, strict=True)]
         answers = [{a.id: a for a in AnswerRow.from_table(r.kept)} for r in results]
         rejected = {}
         for side, r in zip("ab", results, strict=True):
@@ -64,7 +67,7 @@ class PairTask:
                 rejected.setdefault(rej.id, dataclasses.replace(
                     rej, reason=rej.reason, detail=f"response {side}: {rej.detail}"))
         kept = []
-        for prompt in PromptRow.from_table(batch):
+        for prompt in prompts:
             if prompt.id in rejected:
                 continue
             a, b = answers[0][prompt.id], answers[1][prompt.id]
@@ -123,6 +126,7 @@ class PreferencesStage:
     name = "preferences"
     data_schema = PreferenceRow.SCHEMA
     uses_ray = True
+    trains = False
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return (prompt_source(config), sft_stage(config))
@@ -157,7 +161,7 @@ class PreferencesStage:
             prompts, {"data": ResponsePairRow.SCHEMA, "rejects": RejectRow.SCHEMA})
         pair_summaries = run_generation(
             todo, store=pair_store, model_path=policy, engine_cfg=cfg.engine,
-            task=TaskSpec(PairTask, {"cfg": pcfg, "pset": pset}), seed=pcfg.sampling.seed,
+            task=TaskSpec(PairTask, {"cfg": pcfg, "pset": pset}), engines=ctx.engines,
             desc="preferences: pairs")
         pairs = pair_store.read("data", ResponsePairRow.SCHEMA)
         todo = pairs.filter(pa.array([i not in self._judged(ctx.store)
@@ -165,7 +169,7 @@ class PreferencesStage:
         judge_summaries = run_generation(
             todo, store=ctx.store, model_path=resolve_model(self.judge_model(cfg), cfg.run_dir),
             engine_cfg=cfg.engine, task=TaskSpec(JudgeTask, {"cfg": pcfg, "pset": pset}),
-            seed=pcfg.seed, desc="preferences: judging")
+            engines=ctx.engines, desc="preferences: judging")
         ctx.metrics.update(preference_metrics(ctx.store, pair_store))
         ctx.metrics["pairs_phase"] = generation_metrics(pair_summaries)
         ctx.metrics["judging_phase"] = generation_metrics(judge_summaries)

@@ -59,6 +59,7 @@ class RewardModelStage:
     name = "reward_model"
     data_schema = RMSummaryRow.SCHEMA
     uses_ray = True
+    trains = True
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         # Starting from the SFT model makes that stage an input too: a new policy, a new RM.

@@ -15,6 +15,7 @@ class SeedsStage:
     name = "seeds"
     data_schema = PromptRow.SCHEMA
     uses_ray = False
+    trains = False
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return ()

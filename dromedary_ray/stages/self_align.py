@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ from dromedary_ray.algos.parsing import (
 from dromedary_ray.config import RunConfig, SelfAlignConfig, resolve_path
 from dromedary_ray.data.schemas import PromptRow, RejectRow, SelfAlignRow
 from dromedary_ray.data.store import file_digest
-from dromedary_ray.engines.base import Engine, Generation
+from dromedary_ray.engines.base import Engine, Generation, finished_groups
 from dromedary_ray.principles import PrincipleSet, load_principles
 from dromedary_ray.prompts import THOUGHTS_CLOSE, chat_stop_strings, self_align_prompt
 from dromedary_ray.runtime.generate import BatchResult
@@ -63,31 +64,58 @@ class SelfAlignTask:
     def process(self, engine: Engine, batch: pa.Table) -> BatchResult:
         prompts = PromptRow.from_table(batch)
         seeds = self.seeds([p.id for p in prompts])
+        docs = self.documents(prompts)
+        thoughts: dict[int, Generation] = {}
+        answers: dict[int, Future[Generation]] = {}
+        # A row's answer starts as soon as its own thoughts are written, not when the batch's
+        # slowest row's are: the engine never waits on the batch's long tail between phases.
+        for ready in finished_groups(engine.submit(docs, self.thought_sampling, seeds)):
+            thoughts.update(ready)
+            follow = [i for i, gen in ready if self.continues(gen)]
+            answers.update(zip(follow, engine.submit(
+                [self.answer_document(docs[i], thoughts[i]) for i in follow], self.sampling,
+                [seeds[i] for i in follow]), strict=True))
+        return self.tables(prompts, thoughts, {i: f.result() for i, f in answers.items()})
+
+    def documents(self, prompts: list[PromptRow]) -> list[str]:
+        """Each row's phase-1 document: principles, exemplars, the query, the thoughts' lead."""
         lead = self.cfg.thoughts_lead
-        docs = [self_align_prompt(self.tokenizer, self.principles, p.query) + lead for p in prompts]
-        thoughts_gen = engine.generate(docs, self.thought_sampling, seeds)
-        rejects, follow = [], []
-        for i, (prompt, gen) in enumerate(zip(prompts, thoughts_gen, strict=True)):
-            if gen.error:
-                rejects.append(RejectRow(prompt.id, self.stage, error_reason(gen.error), gen.error))
-            elif gen.completions[0].finish_reason == "length":
-                rejects.append(RejectRow(prompt.id, self.stage, REJECT_THOUGHTS_RUNAWAY,
-                                         lead + gen.completions[0].text))
-            else:
-                follow.append(i)
-        thoughts = {i: (lead + thoughts_gen[i].completions[0].text).strip() for i in follow}
-        answer_gen = engine.generate(
-            [f"{docs[i]}{thoughts_gen[i].completions[0].text}\n{THOUGHTS_CLOSE}\n" for i in follow],
-            self.sampling, [seeds[i] for i in follow],
-        )
-        kept = []
-        for i, gen in zip(follow, answer_gen, strict=True):
-            row = self._judge(prompts[i], thoughts[i], gen, thoughts_gen[i].prompt_tokens)
+        return [self_align_prompt(self.tokenizer, self.principles, p.query) + lead
+                for p in prompts]
+
+    @staticmethod
+    def continues(thoughts: Generation) -> bool:
+        """Whether a row goes on to its answer: its thoughts were written and ended."""
+        return not thoughts.error and thoughts.completions[0].finish_reason != "length"
+
+    @staticmethod
+    def answer_document(doc: str, thoughts: Generation) -> str:
+        """Phase 2's document: phase 1's, its thoughts, the closed thoughts tag."""
+        return f"{doc}{thoughts.completions[0].text}\n{THOUGHTS_CLOSE}\n"
+
+    def tables(self, prompts: list[PromptRow], thoughts: dict[int, Generation],
+               answers: dict[int, Generation]) -> BatchResult:
+        """The batch's kept rows and rejects (in row order), from both phases' generations."""
+        kept, rejects = [], []
+        for i, prompt in enumerate(prompts):
+            gen = thoughts[i]
+            if i not in answers:
+                rejects.append(self._thoughts_reject(prompt, gen))
+                continue
+            text = (self.cfg.thoughts_lead + gen.completions[0].text).strip()
+            row = self._judge(prompt, text, answers[i], gen.prompt_tokens)
             (rejects if isinstance(row, RejectRow) else kept).append(row)
-        completion_tokens = sum(len(c.token_ids) for g in thoughts_gen + answer_gen
-                                for c in g.completions)
+        gens = [*thoughts.values(), *answers.values()]
+        completion_tokens = sum(len(c.token_ids) for g in gens for c in g.completions)
         return BatchResult(SelfAlignRow.to_table(kept), RejectRow.to_table(rejects),
-                           sum(g.prompt_tokens for g in thoughts_gen), completion_tokens)
+                           sum(g.prompt_tokens for g in thoughts.values()), completion_tokens)
+
+    def _thoughts_reject(self, prompt: PromptRow, gen: Generation) -> RejectRow:
+        """The reject of a row whose thoughts did not lead to an answer."""
+        if gen.error:
+            return RejectRow(prompt.id, self.stage, error_reason(gen.error), gen.error)
+        return RejectRow(prompt.id, self.stage, REJECT_THOUGHTS_RUNAWAY,
+                         self.cfg.thoughts_lead + gen.completions[0].text)
 
     def _judge(self, prompt: PromptRow, thoughts: str, gen: Generation,
                prompt_tokens: int) -> SelfAlignRow | RejectRow:
@@ -122,6 +150,7 @@ class SelfAlignStage:
     name = "self_align"
     data_schema = SelfAlignRow.SCHEMA
     uses_ray = True
+    trains = False
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return (prompt_source(config),)
@@ -152,19 +181,33 @@ class SelfAlignStage:
             model_path=resolve_model(cfg.model, cfg.run_dir),
             engine_cfg=cfg.engine,
             task=TaskSpec(SelfAlignTask, {"cfg": cfg.self_align, "principles": principles}),
-            seed=cfg.self_align.sampling.seed,
+            engines=ctx.engines,
             desc="self_align",
         )
         ctx.metrics.update(generation_metrics(summaries))
 
 
 def generation_metrics(summaries: list[Any]) -> dict[str, Any]:
-    """Token counts and throughput of a generation stage, from its batch summaries."""
+    """Token counts and engine time of a generation stage, from its batch summaries.
+
+    `engine_seconds` is the wall time during which at least one batch was being generated:
+    batches in flight overlap, so their own durations add up to more than the engines worked.
+    """
     completion = sum(s.completion_tokens for s in summaries)
-    busy = sum(s.seconds for s in summaries)
     return {
         "batches": len(summaries),
         "prompt_tokens": sum(s.prompt_tokens for s in summaries),
         "completion_tokens": completion,
-        "engine_seconds": round(busy, 2),
+        "engine_seconds": round(busy_seconds([(s.started, s.seconds) for s in summaries]), 2),
     }
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of the intervals [start, start + seconds]."""
+    total, end = 0.0, float("-inf")
+    for start, seconds in sorted(spans):
+        stop = start + seconds
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total

@@ -83,6 +83,7 @@ class SftStage:
     name = "sft"
     data_schema = TrainSummaryRow.SCHEMA
     uses_ray = True
+    trains = True
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return ("assess",)

@@ -23,6 +23,7 @@ import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
@@ -116,8 +117,12 @@ class SynthesisTask:
         kept: list[CandidateRow] = []
         rejects: list[RejectRow] = []
         prompt_tokens = completion_tokens = 0
-        for sampling, group in groups.items():  # one engine call per distinct sampling
-            for req, prompt, gen in self._generate(engine, sampling, group):
+        # One submission per distinct sampling, all of them in flight at once.
+        submitted = [(group, self._submit(engine, sampling, group))
+                     for sampling, group in groups.items()]
+        for group, futures in submitted:
+            for (req, prompt), future in zip(group, futures, strict=True):
+                gen = future.result()
                 prompt_tokens += gen.prompt_tokens
                 completion_tokens += sum(len(c.token_ids) for c in gen.completions)
                 out = candidates_from(req, prompt, gen)
@@ -128,12 +133,10 @@ class SynthesisTask:
         return BatchResult(CandidateRow.to_table(kept), RejectRow.to_table(rejects),
                            prompt_tokens, completion_tokens)
 
-    def _generate(self, engine: Engine, sampling: SamplingConfig,
-                  group: list[tuple[RequestRow, ListPrompt]]) -> list[tuple[Any, ...]]:
-        """(request, prompt, generation) for each of `group`, from one engine call."""
+    def _submit(self, engine: Engine, sampling: SamplingConfig,
+                group: list[tuple[RequestRow, ListPrompt]]) -> list[Future[Generation]]:
         texts = [render_chat(self.tokenizer, p.messages, prefill=p.prefill) for _, p in group]
-        gens = engine.generate(texts, sampling, [row_seed(sampling.seed, r.id) for r, _ in group])
-        return [(*item, gen) for item, gen in zip(group, gens, strict=True)]
+        return engine.submit(texts, sampling, [row_seed(sampling.seed, r.id) for r, _ in group])
 
 
 def candidates_from(req: RequestRow, prompt: ListPrompt,
@@ -317,7 +320,7 @@ class RoundGenerator:
             self.summaries += run_generation(
                 RequestRow.to_table(todo), store=store,
                 model_path=resolve_model(cfg.model, cfg.run_dir), engine_cfg=cfg.engine,
-                task=self.task, seed=cfg.synthesize.self_instruct.sampling.seed,
+                task=self.task, engines=self.ctx.engines,
                 desc=f"synthesize round {k}",
             )
         self.generated_requests += len(todo)
@@ -337,6 +340,7 @@ class SynthesizeStage:
     name = STAGE
     data_schema = PromptRow.SCHEMA
     uses_ray = True
+    trains = False
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return ()

@@ -23,6 +23,7 @@ class VerboseCloneStage:
     name = "verbose_clone"
     data_schema = AnswerRow.SCHEMA
     uses_ray = True
+    trains = True
 
     def input_stages(self, config: RunConfig) -> tuple[str, ...]:
         return (prompt_source(config), "engrave")
@@ -55,9 +56,11 @@ class VerboseCloneStage:
                 "min_answer_words": cfg.verbose_clone.min_answer_words,
                 "max_repeated_ngram_fraction": cfg.verbose_clone.max_repeated_ngram_fraction,
                 "stage": self.name}),
-            seed=cfg.verbose_clone.sampling.seed, desc="verbose_clone",
+            engines=ctx.engines, desc="verbose_clone",
         )
         ctx.metrics.update(generation_metrics(summaries), resumed_rows=resumed)
+        if ctx.engines is not None:
+            ctx.engines.close()  # the fine-tune below needs the engines' cores and memory
         answers = AnswerRow.from_table(ctx.store.read("data", AnswerRow.SCHEMA))
         if not answers:
             raise_no_data(self.name)

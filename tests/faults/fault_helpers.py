@@ -23,10 +23,12 @@ from dromedary_ray.runtime.faults import without_faults
 HERE = Path(__file__).parent
 CONFIG = str(PROJECT_ROOT / "configs/local.yaml")
 N_PROMPTS = 24
-GENERATION = [  # seeds -> self_align on one engine: 6 batches of 4 rows, 6 shards
+# seeds -> self_align on one engine: 6 batches of 4 rows, 6 shards, 2 batches in flight (so a
+# driver killed after its 3rd shard leaves at least one batch never started: a real mid-stage kill)
+GENERATION = [
     "model=builtin:tiny-llama", f"seeds.max_prompts={N_PROMPTS}", "engine.batch_size=4",
-    "engine.num_engines=1", "engine.max_model_len=3072", "engine.kv_cache_gib=1",
-    "engine.cpus_per_engine=1", "self_align.sampling.max_new_tokens=16",
+    "engine.num_engines=1", "engine.batches_in_flight=2", "engine.max_model_len=3072",
+    "engine.kv_cache_gib=1", "engine.cpus_per_engine=1", "self_align.sampling.max_new_tokens=16",
 ]
 STEPS, EVERY = 20, 5  # engrave: 20 optimizer steps, a checkpoint every 5
 TRAINING = [

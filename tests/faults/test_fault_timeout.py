@@ -24,22 +24,22 @@ class SlowTask:
 
 
 def test_work_within_the_limit_passes_through():
-    deadline, task = BatchDeadline(5.0, stage="self_align"), SlowTask(0.01)
-    assert deadline.run(lambda: task.process(["a", "b"]), 2) == ["A", "B"]
+    deadline, task = BatchDeadline(5.0), SlowTask(0.01)
+    assert deadline.run(lambda: task.process(["a", "b"]), 2, "self_align") == ["A", "B"]
     assert not deadline.broken
     deadline.close()
 
 
 def test_hung_call_raises_naming_stage_and_limit_then_fails_fast():
-    deadline, task = BatchDeadline(0.5, stage="self_align"), SlowTask(30.0)
+    deadline, task = BatchDeadline(0.5), SlowTask(30.0)
     start = time.monotonic()
     with pytest.raises(EngineTimeoutError, match=r"stage self_align: .*call_timeout_s = 0.5 s"):
-        deadline.run(lambda: task.process(["a"]), 1)
+        deadline.run(lambda: task.process(["a"]), 1, "self_align")
     assert time.monotonic() - start < 2.0 and deadline.broken
     # The stuck call still holds the engine: a second call must not queue behind it.
     start = time.monotonic()
     with pytest.raises(EngineTimeoutError):
-        deadline.run(lambda: task.process(["b"]), 1)
+        deadline.run(lambda: task.process(["b"]), 1, "self_align")
     assert time.monotonic() - start < 0.1 and task.calls == 1
     deadline.close()  # returns at once, though the call is stuck
 
