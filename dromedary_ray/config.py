@@ -72,8 +72,10 @@ class EngineConfig:
     gpus_per_engine: float = 0.0
     batch_size: int = 16  # rows per batch = one committed output shard
     # Batches each engine works on at once; their requests share the engine (engines/loop.py),
-    # so one batch's tail overlaps the next one's prefill. Placement only: outputs are the same.
-    batches_in_flight: int = 4
+    # so one batch's tail overlaps the next ones'. batch_size x batches_in_flight rows per
+    # engine: vLLM runs up to 256 sequences at once (its max_num_seqs) and queues the rest.
+    # Placement only: outputs are the same.
+    batches_in_flight: int = 16
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = 0.9
     # Compiling the model costs ~60 s per engine start on CPU and gains ~25% decode speed;

@@ -218,7 +218,8 @@ def _generation_memory(phase: PhasePlan, config: Any, shape: ModelShape, work: G
     unique = context - shared
     capacity = int((budget - kv_token * shared) // (kv_token * unique)) if budget > 0 else 0
     per_engine = math.ceil(work.requests / eng.num_engines)
-    seqs = max(0, min(eng.batch_size, MAX_NUM_SEQS, capacity, per_engine))
+    in_flight = eng.batch_size * eng.batches_in_flight  # rows an engine is given at once
+    seqs = max(0, min(in_flight, MAX_NUM_SEQS, capacity, per_engine))
     phase.detail.update(context=round(context), shared_prefix=round(shared), sequences=seqs,
                         kv_capacity_sequences=max(capacity, 0),
                         kv_bytes_per_token_per_gpu=kv_token)
@@ -449,7 +450,8 @@ def assumptions(config: Any, shape: ModelShape) -> list[str]:
         "vLLM: gpu_memory_utilization x GPU memory holds weights/TP + 2 GiB workspace + KV "
         "cache (2 x layers x kv_heads x head_dim x bytes per token, split over TP); a stage "
         "fits when one max_model_len sequence fits (vLLM's start-up check); running sequences "
-        f"= min(batch_size, {MAX_NUM_SEQS}, what the KV cache holds); a prefix-cached shared "
+        f"= min(batch_size x batches_in_flight, {MAX_NUM_SEQS}, what the KV cache holds); a "
+        "prefix-cached shared "
         "prompt prefix is stored once",
         f"decode: each step reads the weights once plus every running sequence's KV cache at "
         f"{p.decode_efficiency:.0%} of peak memory bandwidth",
