@@ -1,1 +1,2 @@
-"""Ray-facing shells: cluster connection, Ray Data generation runner, fault hooks."""
+"""Ray-facing shells: cluster connection, the generation runner, Ray Train loops, PPO actors,
+fault hooks."""
