@@ -3,6 +3,8 @@
 A stage's fingerprint covers its own config, the files it reads and its inputs' fingerprints.
 The same fingerprint with status "done" skips the stage; the same fingerprint with status
 "running" resumes it from its committed shards; a different fingerprint clears it first.
+The run holds `<run>/.lock` throughout (data/run_lock.py): a second run on the same directory
+stops at once instead of undoing this one's work.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 import pyarrow.compute as pc
 
 from dromedary_ray.config import ITERATED_RECIPES, RunConfig, dump_config
+from dromedary_ray.data.run_lock import run_lock
 from dromedary_ray.data.schemas import RejectRow
-from dromedary_ray.data.store import StageStore, fingerprint, write_run_file
+from dromedary_ray.data.store import UNREADABLE, StageStore, fingerprint, write_run_file
 from dromedary_ray.pipeline.evaluate import evaluate_model, stage_model
 from dromedary_ray.runtime.faults import maybe_die
 from dromedary_ray.runtime.generate import Engines
@@ -47,6 +50,11 @@ def run_pipeline(config: RunConfig, upstream: str | None = None) -> list[StageRe
     `upstream`: the fingerprint of whatever made `config.model` when an earlier run did (an
     I-SHEEP iteration's model), so that a change upstream reruns these stages too.
     """
+    with run_lock(config.run_dir):  # before anything is read or written; I-SHEEP nests runs
+        return _run_recipe(config, upstream)
+
+
+def _run_recipe(config: RunConfig, upstream: str | None) -> list[StageReport]:
     if config.recipe in ITERATED_RECIPES:
         from dromedary_ray.pipeline.isheep import run_isheep
 
@@ -142,11 +150,19 @@ def run_stage(config: RunConfig, name: str, fingerprints: dict[str, str],
     fp = fingerprints.get(name) or stage_fingerprint(config, name, fingerprints)
     manifest = store.read_manifest()
     if manifest and manifest.get("fingerprint") == fp and manifest.get("status") == "done":
-        log.info("stage %s: done with the same fingerprint, skipped", name)
-        return _report(stage, store, "skipped", manifest["seconds"], manifest.get("metrics", {}))
+        report = _report(stage, store, "skipped", manifest["seconds"], manifest.get("metrics", {}))
+        rows = manifest.get("rows", {"data": report.kept, "rejects": report.rejected})
+        if (report.kept, report.rejected) == (rows["data"], rows["rejects"]):
+            log.info("stage %s: done with the same fingerprint, skipped", name)
+            return report
+        # A shard found unreadable was quarantined: resume the stage to make its rows again.
+        log.warning("stage %s: done, but %d of its rows are in no readable shard; resuming it",
+                    name, rows["data"] + rows["rejects"] - report.kept - report.rejected)
     if manifest and manifest.get("fingerprint") != fp:
-        log.warning("stage %s: config or inputs changed since the last run; starting it afresh",
-                    name)
+        # A torn manifest hides which config made the shards: rerun rather than mix in stale rows.
+        why = ("its manifest is unreadable" if manifest.get("status") == UNREADABLE
+               else "config or inputs changed since the last run")
+        log.warning("stage %s: %s; starting it afresh", name, why)
         store.clear()
     elif manifest:
         dropped = store.drop_uncommitted()

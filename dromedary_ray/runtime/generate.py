@@ -118,6 +118,7 @@ class GenerationActor:
         maybe_die("worker_batch")  # fault tests: die after the work, before the commit
         name = shard_name(ids)
         store.write_shard(result.kept, result.rejects, name)
+        maybe_die("worker_committed")  # fault tests: die after the commit, before the reply
         return BatchSummary(
             shard=name, rows=len(ids), kept=result.kept.num_rows,
             rejected=result.rejects.num_rows, prompt_tokens=result.prompt_tokens,

@@ -45,3 +45,17 @@ def test_driver_sigkilled_mid_stage_then_resumed(generation_reference, tmp_path)
     assert manifest["status"] == "done"
     assert manifest["metrics"]["resumed_rows"] == 4 * committed  # nothing committed is redone
     assert_tables_equal_reference(run_dir, generation_reference, "self_align", N_PROMPTS)
+
+
+def test_engine_actor_killed_after_its_commit_writes_no_row_twice(generation_reference,
+                                                                  tmp_path):
+    """The engine actor dies right after committing its 2nd batch's shard, before its reply
+    reaches the driver: Ray restarts it and runs the batch again, which writes the same shard
+    name over the first copy, so every row is on disk once."""
+    marker, run_dir = tmp_path / "fired", tmp_path / "run"
+    out = dromedary_run(run_dir, env=env_with(DROMEDARY_FAULT=f"worker_committed:2:{marker}"))
+    assert marker.exists(), "the fault hook never fired: the case proved nothing"
+    assert out.returncode == 0, out.stderr[-3000:]
+    shards = list((run_dir / "self_align" / "data").glob("*.parquet"))
+    assert len(shards) == N_PROMPTS // 4, shards  # one file per batch, the retried one too
+    assert_tables_equal_reference(run_dir, generation_reference, "self_align", N_PROMPTS)
