@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 
-from dromedary_ray.errors import DromedaryError
+from dromedary_ray.errors import user_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-model-len", type=int, default=2048)
     srv.add_argument("--cpus-per-replica", type=float, default=2.0)
     srv.add_argument("--gpus-per-replica", type=float, default=0.0)
+    srv.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="deadline of each generation; past it the request is aborted (504)")
+    srv.add_argument("--max-queued", type=int, default=256, metavar="N",
+                     help="requests waiting for a replica; past them Serve answers 503")
     srv.add_argument("--address", help="Ray cluster to join (default: start one locally)")
     chat = sub.add_parser("chat", help="chat in the terminal with a served model or an engine")
     chat.add_argument("target", help="http(s)://host:port of a server, or a model spec")
@@ -107,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     try:
         return _dispatch(args)
-    except DromedaryError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        # Ours may come back from a Ray worker wrapped in Ray's task error (a full disk while
+        # a worker commits its shard): print our one line, not Ray's traceback.
+        ours = user_error(err)
+        if ours is None:
+            raise
+        print(f"error: {ours}", file=sys.stderr)
         return 2
 
 
@@ -154,14 +163,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import ipaddress
     import os
 
     from dromedary_ray.config import RayConfig
     from dromedary_ray.errors import ConfigError
     from dromedary_ray.models import resolve_model
 
-    loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    loopback = _is_loopback(args.host)
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: a TCP port is 1 to 65535")
+    if not args.request_timeout > 0 or args.max_queued < 1:
+        raise ConfigError(f"--request-timeout {args.request_timeout} / --max-queued "
+                          f"{args.max_queued}: both must be positive")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         raise ConfigError(f"--api-key-env: environment variable {args.api_key_env} is not set")
@@ -178,7 +191,9 @@ def _serve(args: argparse.Namespace) -> int:
               "gpus_per_engine": args.gpus_per_replica, "kv_cache_gib": 2}
     app = build_app({"model": resolve_model(args.model, args.run_dir),
                      "served_model_name": args.model, "engine": engine,
-                     "api_key_env": args.api_key_env, "num_replicas": args.replicas})
+                     "api_key_env": args.api_key_env, "num_replicas": args.replicas,
+                     "request_timeout_s": args.request_timeout,
+                     "max_queued_requests": args.max_queued})
     url = deploy(app, "dromedary", args.host, args.port)
     print(f"serving {args.model} at {url}/v1 (Ctrl-C stops)", flush=True)
     try:
@@ -189,6 +204,22 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         serve.shutdown()
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `--host` is loopback; anything but `localhost` or an IP address is an error (a
+    name could resolve anywhere, and Serve's proxy would bind wherever it resolves)."""
+    import ipaddress
+
+    from dromedary_ray.errors import ConfigError
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ConfigError(f"--host {host!r}: not an IP address; give one (127.0.0.1 for this "
+                          "machine only, 0.0.0.0 for every interface) or localhost") from None
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -57,6 +57,26 @@ def cluster_spec(manifest: dict[str, Any]) -> dict[str, Any]:
     }[manifest.get("kind")]()
 
 
+def key_refs(spec: dict[str, Any], env_name: str) -> list[dict[str, Any]]:
+    """The secretKeyRef of every container env entry named `env_name`, in every pod group."""
+    groups = [spec.get("headGroupSpec") or {}, *(spec.get("workerGroupSpecs") or [])]
+    return [((e.get("valueFrom") or {}).get("secretKeyRef") or {})
+            for g in groups for c in (g.get("template") or {}).get("spec", {}).get("containers", [])
+            for e in c.get("env") or [] if e.get("name") == env_name]
+
+
+def without_key_optionality(spec: dict[str, Any]) -> dict[str, Any]:
+    """A cluster spec minus `optional` on Secret refs: the RayService requires the API key's
+    Secret (it serves with it), the training clusters take it if it exists."""
+    spec = copy.deepcopy(spec)
+    for groups in ([spec.get("headGroupSpec") or {}], spec.get("workerGroupSpecs") or []):
+        for g in groups:
+            for c in (g.get("template") or {}).get("spec", {}).get("containers", []):
+                for e in c.get("env") or []:
+                    ((e.get("valueFrom") or {}).get("secretKeyRef") or {}).pop("optional", None)
+    return spec
+
+
 def manifests() -> dict[str, dict[str, Any]]:
     return {
         "raycluster.yaml": load_manifest("raycluster.yaml", "RayCluster"),
@@ -385,6 +405,13 @@ def check_rayservice(svc: dict[str, Any]) -> list[str]:
             problems.append(f"import_path {path!r} is not dromedary_ray.serve.app:<builder>")
         elif source and not re.search(rf"^def {re.escape(attr)}\(", source, re.M):
             problems.append(f"dromedary_ray/serve/app.py defines no {attr}()")
+        key_env = (app.get("args") or {}).get("api_key_env")
+        refs = key_refs(cluster_spec(svc), key_env) if key_env else []
+        if key_env and (not refs or any(r.get("optional") for r in refs)):
+            # build_app refuses an unset key, but an optional Secret hides the cause from
+            # Kubernetes: the pods start and the app fails to deploy instead.
+            problems.append(f"api_key_env {key_env}: each pod env entry for it must come "
+                            "from a Secret that is not optional")
         engine = (app.get("args") or {}).get("engine") or {}
         try:
             cfg = EngineConfig(**engine)
@@ -506,8 +533,9 @@ def test_kuberay_manifest(name):
 
 def test_kuberay_specs_are_one_spec():
     found = manifests()
-    base = cluster_spec(found["raycluster.yaml"])
-    assert {n: True for n, m in found.items() if cluster_spec(m) != base} == {}
+    base = without_key_optionality(cluster_spec(found["raycluster.yaml"]))
+    assert {n: True for n, m in found.items()
+            if without_key_optionality(cluster_spec(m)) != base} == {}
 
 
 def test_rayjob_runs_the_paper_config():
@@ -654,6 +682,9 @@ BROKEN_KUBERAY = [
      _serve_edit(lambda c: _dep(c)["ray_actor_options"].update(resources={"pool_serving": 4}))),
     (check_rayservice, _service,
      _serve_edit(lambda c: c["applications"][0]["args"]["engine"].update(dtype="fp8"))),
+    (check_rayservice, _service, _set(
+        "spec.rayClusterConfig.headGroupSpec.template.spec.containers.0.env.0.valueFrom"
+        ".secretKeyRef.optional", True)),
 ]
 
 BROKEN_RUNTIME_ENVS = [

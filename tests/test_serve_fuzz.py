@@ -4,8 +4,10 @@ A real Ray Serve deployment of the tiny model on 127.0.0.1; schemathesis reads `
 and generates requests that fit the described schema (positive) and that break it (negative:
 wrong types, missing fields, out-of-range numbers). Every answer must be a 2xx or a 4xx, and the
 replica must stay the same one throughout (a crash would be restarted by Serve, unseen by HTTP).
+Every streamed answer must end properly: each event is JSON, the last is [DONE].
 """
 
+import json
 import os
 
 import pytest
@@ -70,13 +72,34 @@ def check(case, url: str) -> None:
     assert response.status_code < 500, (
         f"{case.method} {case.path} -> {response.status_code}: {response.text[:500]}\n"
         f"body: {case.body!r}")
+    check_stream(response, case)
+
+
+def check_stream(response, case) -> None:
+    """A server-sent event stream that ends early or with a broken event looks, to a client, like
+    a short answer; every one must end with [DONE], each event before it a JSON object."""
+    if not any("text/event-stream" in v for v in response.headers.get("content-type", [])):
+        return
+    SEEN["streams"] = SEEN.get("streams", 0) + 1
+    assert not response.stream_cut_short, "raise max-stream-events: the stream was cut short"
+    text = response.content.decode()
+    assert text.endswith("\n\n"), (text[-300:], case.body)
+    events = [e.removeprefix("data: ") for e in text.split("\n\n")[:-1]]
+    assert events and events[-1] == "[DONE]", (events[-3:], case.body)
+    for event in events[:-1]:
+        body = json.loads(event)
+        assert isinstance(body, dict) and "error" not in body, (event, case.body)
 
 
 def test_no_input_gets_a_server_error(fuzz_server):
     """Every operation of /openapi.json, with bodies that fit the schema and bodies that break
     it. (schemathesis's own pytest loader fails under pytest 9, so we drive its strategies
     with hypothesis directly.)"""
-    schema = schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json")
+    from schemathesis.config import SchemathesisConfig
+
+    # schemathesis reads 20 events of a stream by default; ours run to max_tokens (< 128) + 2.
+    config = SchemathesisConfig.from_dict({"max-stream-events": 1000})
+    schema = schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json", config=config)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {(op.method.upper(), op.path) for op in operations} >= {
         ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/health")}
@@ -96,3 +119,4 @@ def test_no_input_gets_a_server_error(fuzz_server):
                 # A route with no inputs (GET /health) has nothing to break.
                 assert mode == GenerationMode.NEGATIVE and op.path != "/v1/chat/completions"
     assert SEEN.get("2xx", 0) >= 10 and SEEN.get("4xx", 0) >= 50, SEEN
+    assert SEEN.get("streams", 0) >= 3, SEEN  # the positive cases do stream, and were checked

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_BODY_BYTES = 1_000_000
 MAX_TOKENS_LIMIT = 4096
+# vLLM holds back the last (longest stop string - 1) characters of a stream until it knows no
+# stop string starts there, and checks every stop string at every step: a long one stalls the
+# stream and costs each step of the batch. 4 x 200 characters covers real stop sequences.
+MAX_STOPS, MAX_STOP_CHARS = 4, 200
+REQUEST_TIMEOUT_S = 300.0
 
 
 class ApiError(Exception):
@@ -27,9 +33,15 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = "authentication_error" if self.status == 401 else "invalid_request_error"
+        kind = ("authentication_error" if self.status == 401
+                else "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param,
                           "code": self.code}}
+
+    def event(self) -> str:
+        """The end of a stream that failed after its 200 went out: the error object as one
+        server-sent event, then [DONE], so a client sees why and knows the stream is over."""
+        return f"data: {json.dumps(self.body())}\n\ndata: [DONE]\n\n"
 
 
 class Message(BaseModel):
@@ -60,8 +72,9 @@ class ChatRequest(BaseModel):
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop strings")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} non-empty stop strings of at most "
+                             f"{MAX_STOP_CHARS} characters each")
         return stops
 
 
@@ -71,13 +84,33 @@ class Limits:
     max_model_len: int
     default_max_tokens: int = 256
     max_body_bytes: int = MAX_BODY_BYTES
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+
+
+def body_too_large(limit: int, size: int | None = None) -> ApiError:
+    what = f"is {size} bytes" if size is not None else "goes on"
+    return ApiError(413, f"request body {what}; the limit is {limit}", None, "body_too_large")
+
+
+async def read_body(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The request body from its chunks, refused as soon as it passes `limit` bytes.
+
+    Content-Length alone does not bound a body: a chunked upload has none, so the route reads
+    the stream itself and stops at the limit, whatever the framing.
+    """
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
     """Bytes of a request body to a validated ChatRequest, or an ApiError naming the field."""
     if len(raw) > limits.max_body_bytes:
-        raise ApiError(413, f"request body is {len(raw)} bytes; the limit is "
-                            f"{limits.max_body_bytes}", None, "body_too_large")
+        raise body_too_large(limits.max_body_bytes, len(raw))
     try:
         data = json.loads(raw)
     # ValueError also covers a number over 4,300 digits; RecursionError, nesting too deep.
@@ -116,7 +149,7 @@ def chat_openapi() -> dict[str, Any]:
             "application/json": {"schema": _inline_refs(schema, defs)}}},
         "responses": {"200": {"description": "a chat.completion, or a text/event-stream of "
                                              "chat.completion.chunk events when stream is true"},
-                      **{code: error for code in ("400", "401", "404", "413")}},
+                      **{code: error for code in ("400", "401", "404", "413", "503", "504")}},
     }
 
 
