@@ -224,7 +224,7 @@ def run_generation(
     pool = engines.pool(model_path, engine_cfg)
     bs = engine_cfg.batch_size
     batches = deque(rows.slice(i, bs) for i in range(0, rows.num_rows, bs))
-    with _progress(rows.num_rows, desc) as progress, _engine_timeouts_raised_plainly():
+    with _progress(rows.num_rows, desc) as progress, _our_errors_raised_plainly():
         return _dispatch(pool, batches, store, task, progress, on_batch)
 
 
@@ -271,37 +271,22 @@ def _progress(total: int, desc: str) -> Iterator[Callable[[BatchSummary], None]]
 
 
 @contextmanager
-def _engine_timeouts_raised_plainly() -> Iterator[None]:
-    """Re-raise a worker's EngineTimeoutError as itself. Ray wraps a worker's exception in its
-    own task-error types, which the CLI would print as a long traceback; ours carries the
-    message the user needs (stage, limit, the setting to change)."""
+def _our_errors_raised_plainly() -> Iterator[None]:
+    """Re-raise our own error from a worker (a hung engine, a full disk) as itself. Ray wraps a
+    worker's exception in its own task-error types, which would print as a long traceback; ours
+    carries the message the user needs (stage, limit or path, the setting to change)."""
     from dromedary_ray.engines.timeout import EngineTimeoutError
+    from dromedary_ray.errors import user_error
 
     try:
         yield
     except Exception as err:
-        found = _find_in_chain(err, EngineTimeoutError)
+        ours = user_error(err)
+        if ours is not None:
+            raise ours from err
         # Across processes the chain may be lost in pickling; the worker's traceback text,
         # which Ray keeps in the message, still names our error.
         text = re.search(r"EngineTimeoutError: (.+)", str(err))
-        if found is None and text is None:
+        if text is None:
             raise
-        raise EngineTimeoutError(str(found) if found else text.group(1)) from err
-
-
-def _find_in_chain(err: BaseException, kind: type) -> BaseException | None:
-    """The first `kind` in `err`'s chain, not counting Ray's task errors: `ray.get` raises a
-    class that derives from both its own error and the worker's, with Ray's message."""
-    from ray.exceptions import RayError
-
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind) and not isinstance(e, RayError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
+        raise EngineTimeoutError(text.group(1)) from err
