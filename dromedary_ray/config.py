@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -450,6 +451,11 @@ class PPOLoRAConfig:
         _check(len(self.target_modules) >= 1, "target_modules", "name at least one module")
 
 
+# PPOConfig's deadlines: they bound how long the loop waits, not what it computes, so neither
+# the stage's fingerprint nor a checkpoint's covers them (raising one keeps the checkpoints).
+PPO_DEADLINES = ("call_timeout_s", "update_timeout_s", "start_timeout_s")
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     """SALMON's RL stage (§3.3): PPO on the SFT policy against the principle-following reward
@@ -501,8 +507,19 @@ class PPOConfig:
     gradient_checkpointing: bool = False  # deepspeed only
     lora: PPOLoRAConfig | None = None  # None: full weights; else policy and critic adapters
     rollout_engines: int | None = None  # None: engine.num_engines (the generation stages')
+    # Deadlines on the loop's calls to its actors (runtime/ppo/loop.py): a hung engine or
+    # trainer fails the stage with an error naming it instead of hanging the run. call: a
+    # step's generate, score, log-prob and value passes, weight sync; update: the trainer's
+    # update and the calls that move all its state (checkpoint save and load, the final model;
+    # an update on SmolLM2 takes ~80 s on this CPU); start: starting the actors (model loads,
+    # engine start-up, DeepSpeed's compiled ops on first use).
+    call_timeout_s: float = 900.0
+    update_timeout_s: float = 3600.0
+    start_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        for name in PPO_DEADLINES:  # finite: Ray takes a deadline as whole milliseconds
+            _check(0 < getattr(self, name) < math.inf, name, "must be > 0 and finite (seconds)")
         _check(self.principles_per_prompt >= 1, "principles_per_prompt", "must be >= 1")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
@@ -593,8 +610,13 @@ class EvaluateConfig:
     max_new_tokens: int = 256
     max_model_len: int = 2048
     limit: int | None = None  # first N items per suite (quick looks)
+    # Seconds one model's run of one suite may take (pipeline/evaluate.py); past it the task
+    # is cancelled and the run fails naming the model and suite, instead of a hung engine
+    # stalling the run between stages for ever. Generous: whole suites on a CPU engine.
+    timeout_s: float = 7200.0
 
     def __post_init__(self) -> None:
+        _check(0 < self.timeout_s < math.inf, "timeout_s", "must be > 0 and finite (seconds)")
         known = ("hhh", "truthfulqa", "ifeval")  # pairwise needs a second model and a judge
         for suite in self.suites:
             _check(suite in known, "suites", f"{suite!r} is not one of {', '.join(known)}")

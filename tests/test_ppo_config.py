@@ -84,3 +84,33 @@ def test_weights_update_carries_exactly_one_kind_and_lora_ranks_map_to_vllms():
         [1, 8, 8, 16, 64, 320, 512]
     with pytest.raises(DromedaryError, match="over vLLM's largest"):
         vllm_lora_rank(600)
+
+
+@pytest.mark.parametrize("name", ["call_timeout_s", "update_timeout_s", "start_timeout_s"])
+def test_deadlines_must_be_positive_and_the_update_gets_the_longest(name):
+    for bad in ("0", "-1", ".inf"):  # Ray takes a deadline as whole milliseconds: finite
+        with pytest.raises(ConfigError, match=rf"^ppo\.{name}: must be > 0 and finite"):
+            load_config(None, [f"ppo.{name}={bad}"])
+    cfg = PPOConfig()
+    # An update on SmolLM2 takes ~80 s on this CPU; a step's other calls are shorter.
+    assert cfg.call_timeout_s < cfg.update_timeout_s and cfg.call_timeout_s >= 300
+
+
+def test_raising_a_deadline_keeps_the_stage_and_its_checkpoints():
+    """The error tells the user to raise a deadline and run again: that must resume, not clear
+    the stage (a new stage fingerprint) or skip the checkpoints (a new run fingerprint)."""
+    from dromedary_ray.data.schemas import PromptRow
+    from dromedary_ray.runtime.ppo.loop import run_fingerprint
+    from dromedary_ray.stages.ppo import PPOStage
+
+    def fingerprints(*overrides: str) -> tuple:
+        config = load_config(PROJECT_ROOT / "configs" / "local.yaml", list(overrides))
+        run = run_fingerprint([PromptRow("p1", "seed", "Name a prime.")], "/m", "/rm", None,
+                              config.ppo, config.engine)
+        return PPOStage().fingerprint_payload(config), run
+
+    same = fingerprints()
+    assert fingerprints("ppo.call_timeout_s=5", "ppo.update_timeout_s=7",
+                        "ppo.start_timeout_s=9") == same
+    stage, run = fingerprints("ppo.learning_rate=2.0e-6")  # what is computed still counts
+    assert stage != same[0] and run != same[1]

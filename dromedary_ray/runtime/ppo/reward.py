@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dromedary_ray.config import EngineConfig
-from dromedary_ray.runtime.faults import maybe_die
+from dromedary_ray.runtime.faults import maybe_die, maybe_hang
 
 # (prompts, responses, response token ids) -> one reward per response
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], list[float]]
@@ -51,6 +51,7 @@ class RewardActor:
               response_token_ids: Sequence[Sequence[int]]) -> list[float]:
         """One reward per response; `principles[i]` names those shown for response i."""
         maybe_die("reward_score")  # fault tests: the reward actor dies mid-step
+        maybe_hang("reward_score")  # or hangs there (ppo.call_timeout_s ends the wait)
         if self.fn is not None:
             scores = [float(s) for s in self.fn(prompts, responses, response_token_ids)]
             if len(scores) != len(responses):

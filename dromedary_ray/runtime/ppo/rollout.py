@@ -29,7 +29,7 @@ import pyarrow as pa
 from dromedary_ray.config import EngineConfig, SamplingConfig
 from dromedary_ray.data.salmon_schemas import RolloutRow
 from dromedary_ray.errors import DromedaryError
-from dromedary_ray.runtime.faults import maybe_die
+from dromedary_ray.runtime.faults import maybe_die, maybe_hang
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class RolloutActor:
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> pa.Table:
         """Sample one response per request; rows with the generation fields filled in."""
         maybe_die("rollout_generate")  # fault tests: the rollout actor dies mid-step
+        maybe_hang("rollout_generate")  # or hangs there (ppo.call_timeout_s ends the wait)
         from dromedary_ray.engines.base import encode_prompts
         from dromedary_ray.prompts import chat_stop_strings, render_chat
 
