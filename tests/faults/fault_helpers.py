@@ -63,8 +63,27 @@ def dromedary_run(run_dir: Path, *extra: str, env: dict[str, str] | None = None,
             proc.kill()
     # A SIGKILLed driver's workers outlive it for a moment, and one of them may still commit a
     # shard it had finished: count what is on disk only after they are gone.
-    wait_for(lambda: not session_processes(proc.pid), 120, "the run's processes to exit")
+    wait_for_session_exit(proc.pid, 120)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def wait_for_session_exit(sid: int, timeout: float) -> None:
+    """Wait until every process of session `sid` (bar Ray's agents) has ended; past `timeout`,
+    fail naming those left (pid, state, age, command line), after killing them so that they
+    do not outlive the test."""
+    try:
+        wait_for(lambda: not session_processes(sid), timeout, "the run's processes to exit")
+    except AssertionError as err:
+        left = session_processes(sid)
+        listing = subprocess.run(["ps", "-o", "pid=,stat=,etime=,args=", "-p",
+                                  ",".join(map(str, left)) or "0"],
+                                 capture_output=True, text=True).stdout
+        for pid in left:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        raise AssertionError(f"{err}; still running:\n{listing}") from None
 
 
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
