@@ -1,5 +1,6 @@
 """Generation throughput, side by side in one run: transformers direct, vLLM direct, and vLLM
-through the Ray Data runner (issue 2's benchmark).
+through the generation runner (engine actors, batches in flight; issue 2's benchmark, issue 14's
+runner).
 
     python benchmarks/generate.py [--model builtin:smollm2-135m] [--prompts 64] [--new-tokens 96]
 
@@ -60,7 +61,8 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=96)
-    ap.add_argument("--batch-size", type=int, default=32, help="runner rows per batch")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="runner rows per batch (configs/local.yaml's)")
     args = ap.parse_args()
 
     model = resolve_model(args.model)
@@ -99,7 +101,7 @@ def main() -> None:
         wall = time.perf_counter() - start
     tokens = sum(s.completion_tokens for s in summaries)
     window = max(s.started + s.seconds for s in summaries) - min(s.started for s in summaries)
-    results["vLLM via Ray Data runner"] = (tokens, window)
+    results["vLLM via the runner"] = (tokens, window)
     results["  (end to end, incl. start-up)"] = (tokens, wall)
 
     base = results["transformers direct"][0] / results["transformers direct"][1]

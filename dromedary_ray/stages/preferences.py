@@ -1,6 +1,6 @@
 """preferences: SALMON's synthetic preferences (Sun et al. 2023, §3.1).
 
-Two phases, each a Ray Data generation pass that commits shards and resumes:
+Two phases, each a generation pass of the runner that commits shards and resumes:
 
 1. **pairs** (`<stage>/pairs/`): the SFT policy answers every prompt twice, with two different
    per-row seeds; a pair where either answer fails the usual filters is a reject.

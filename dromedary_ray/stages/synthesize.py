@@ -278,7 +278,7 @@ class SynthesisPlan:
 
 
 class RoundGenerator:
-    """Runs one round's requests through the Ray Data runner into the round's sub-store, or
+    """Runs one round's requests through the generation runner into the round's sub-store, or
     re-reads the round when its sub-store says it finished with exactly these requests."""
 
     def __init__(self, ctx: StageContext, task: TaskSpec):
