@@ -454,6 +454,9 @@ class PPOLoRAConfig:
 # PPOConfig's deadlines: they bound how long the loop waits, not what it computes, so neither
 # the stage's fingerprint nor a checkpoint's covers them (raising one keeps the checkpoints).
 PPO_DEADLINES = ("call_timeout_s", "update_timeout_s", "start_timeout_s")
+# Every PPOConfig field that changes when or how long, not what, the loop computes: left out of
+# the stage's fingerprint (stages/ppo.py) and a checkpoint's (runtime/ppo/loop.py).
+PPO_NOT_FINGERPRINTED = ("checkpoint_every_steps", *PPO_DEADLINES)
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def test_weight_sync_makes_the_engine_score_tokens_as_the_trainer(ray_local, tin
         ray.get(actors.trainer.update.remote(rollouts, 1))
         trainer_after = ray.get(actors.trainer.policy_logprobs.remote(rollouts))
         assert _max_gap(ray.get(engine.token_logprobs.remote(prompts, responses)), before) < 1e-6
-        L.sync_weights(actors, 1)
+        L.sync_weights(actors, 1, cfg)
         after = ray.get(engine.token_logprobs.remote(prompts, responses))
         assert _max_gap(after, trainer_after) < 1e-4
         assert _max_gap(after, before) > 1e-2

@@ -177,7 +177,7 @@ def test_engine_scores_tokens_as_the_trainer_after_a_sync(ray_local, tiny_model,
         assert stats["rollout_logprob_gap"] < 1e-4  # engine and trainer agree before the update
         trainer_h, engine = actors.trainer, actors.rollouts[0]
         ray.get(trainer_h.update.remote(rollouts, 1))
-        seconds = L.sync_weights(actors, 1)
+        seconds = L.sync_weights(actors, 1, cfg)
         health = ray.get(engine.health.remote())
         assert health["weights_version"] == 1 and (health["adapter"] is not None) == lora
 

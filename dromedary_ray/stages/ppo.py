@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from dromedary_ray.algos.parsing import REJECT_PROMPT_TOO_LONG
-from dromedary_ray.config import PPO_DEADLINES, RunConfig, resolve_path
+from dromedary_ray.config import PPO_NOT_FINGERPRINTED, RunConfig, resolve_path
 from dromedary_ray.data.salmon_schemas import RolloutRow
 from dromedary_ray.data.schemas import PromptRow, RejectRow
 from dromedary_ray.data.store import file_digest
@@ -35,8 +35,7 @@ class PPOStage:
 
     def fingerprint_payload(self, config: RunConfig) -> dict[str, Any]:
         ppo = config.section("ppo")
-        ppo.pop("checkpoint_every_steps")  # when state is saved, not what is computed
-        for name in PPO_DEADLINES:  # how long to wait: raising one must keep the checkpoints
+        for name in PPO_NOT_FINGERPRINTED:  # when state is saved, how long to wait
             ppo.pop(name)
         engine = config.engine
         return {"ppo": ppo, "principles": file_digest(resolve_path(config.ppo.principles_file)),

@@ -18,6 +18,7 @@ from fault_helpers import (
     logged_steps,
     session_processes,
     wait_for,
+    wait_for_session_exit,
 )
 
 pytestmark = pytest.mark.slow
@@ -86,8 +87,7 @@ def test_driver_sigkilled_mid_training_resumes_from_checkpoint(training_referenc
         assert proc.wait(timeout=60) == -signal.SIGKILL
         # A local Ray cluster shares its driver's fate: no raylet, GCS, controller or train
         # worker of the killed run lives on to eat the cores the resumed run needs.
-        wait_for(lambda: not session_processes(proc.pid), 30,
-                 "the killed run's Ray processes to end")
+        wait_for_session_exit(proc.pid, 30)
     finally:
         # Ray's two per-node agents wait out their GCS reconnect timeout (~60 s) before they
         # notice; they hold memory, not cores. They are this test's: end them now.

@@ -59,7 +59,7 @@ from dromedary_ray.algos.ppo import (
     step_stats,
     unpad,
 )
-from dromedary_ray.config import PPO_DEADLINES, EngineConfig, PPOConfig, resolve_path
+from dromedary_ray.config import PPO_NOT_FINGERPRINTED, EngineConfig, PPOConfig, resolve_path
 from dromedary_ray.data.salmon_schemas import RolloutRow
 from dromedary_ray.data.schemas import PromptRow, RejectRow
 from dromedary_ray.data.store import StageStore, file_digest
@@ -369,15 +369,13 @@ def advantages(cfg: PPOConfig, rollouts: pa.Table) -> tuple[pa.Table, dict[str, 
     return rollouts, stats
 
 
-def sync_weights(actors: Actors, version: int, cfg: PPOConfig | None = None) -> float:
+def sync_weights(actors: Actors, version: int, cfg: PPOConfig) -> float:
     """Hand the trainer's policy to every rollout engine; the slowest load's seconds.
 
     The trainer's `WeightsUpdate` (tensors, a folder it wrote once, or a LoRA adapter) is put
     in the object store once; each actor resolves the same ref. The trainer's part moves all
-    its weights (the update's deadline); each engine's load has a call's (`cfg`'s, the
-    defaults' when None).
+    its weights (the update's deadline); each engine's load has a call's.
     """
-    cfg = cfg or PPOConfig()
     trainer = actors.trainer
     update = trainer.weights_for_sync.remote(version)
     wait_all(actors, [update], [trainer], cfg, "update_timeout_s")
@@ -505,7 +503,7 @@ def run_fingerprint(prompts: Sequence[PromptRow], policy_path: str, reward: str 
     bound how long a call may take (a rerun that raises one resumes).
     """
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("steps", "checkpoint_every_steps", *PPO_DEADLINES)}
+                if k not in ("steps", *PPO_NOT_FINGERPRINTED)}
     settings["principles_digest"] = file_digest(resolve_path(cfg.principles_file))
     source = reward if isinstance(reward, str) else f"function:{reward.__module__}." \
         f"{getattr(reward, '__qualname__', type(reward).__name__)}"
